@@ -1,0 +1,35 @@
+# alpipe: `make demo` runs the experiment, `make test` runs the tests; both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Reinstall when the dependency list changes.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+.PHONY: setup demo test test-fast bench lint up clean
+
+setup: $(STAMP)
+
+DEMO_OUT ?= runs/demo
+demo: setup
+	$(BIN)/alpipe simulate --dataset mnist5k --strategies margin,least_confidence,random \
+		--seeds 3 --initial 20 --query-size 10 --budget 300 --model small_cnn --out $(DEMO_OUT)
+
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q tests/unit
+
+bench: setup
+	$(BIN)/python -m bench.label_efficiency
+
+lint: setup
+	$(BIN)/ruff check shared services tests bench
+
+clean:
+	rm -rf $(VENV) runs data .pytest_cache

@@ -1,0 +1,124 @@
+"""The `alpipe` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import get_settings
+from .errors import UserError
+
+log = logging.getLogger("alpipe")
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--stop", default="no_improvement",
+                   help="stopping rule: no_improvement (held-out accuracy) or epochs:N (default %(default)s)")
+    g.add_argument("--patience", type=int, default=3, help="epochs without improvement before stopping")
+    g.add_argument("--max-epochs", type=int, default=30, help="cap for no_improvement")
+    g.add_argument("--holdout", choices=("labeled", "test"), default="labeled",
+                   help="no_improvement watches a validation split carved from the labels (default) "
+                        "or the test set (the tutorial's exact behaviour)")
+    g.add_argument("--lr", type=float, default=0.01)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--reset", action="store_true", help="train from scratch each round instead of warm-starting")
+    g.add_argument("--no-augment", action="store_true", help="no random shifts while training")
+
+
+def _train_config(args: argparse.Namespace):
+    from .training import TrainConfig
+
+    return TrainConfig(stop=args.stop, patience=args.patience, max_epochs=args.max_epochs,
+                       holdout=args.holdout, lr=args.lr, momentum=args.momentum,
+                       weight_decay=args.weight_decay, batch_size=args.batch_size,
+                       warm_start=not args.reset, augment=not args.no_augment)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .experiment import write_results
+    from .loop import ExperimentConfig, run_experiment
+    from .results import savings_table
+    from .storage import open_store
+
+    settings = get_settings()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    config = ExperimentConfig(
+        dataset=args.dataset, strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
+        seeds=args.seeds, initial=args.initial, query_size=args.query_size, budget=args.budget,
+        model=args.model, pretrained=not args.no_pretrained, weights=args.weights, pool_size=args.pool_size,
+        test_fraction=args.test_fraction, split_seed=args.split_seed, train=_train_config(args),
+        device=args.device or settings.device)
+    config.validate()
+    out = Path(args.out)
+    name = out.name or "experiment"
+    store = open_store(settings)
+    started = time.perf_counter()
+    points = run_experiment(config, store=store, cache_dir=settings.data_dir / "datasets", experiment=name)
+    summary = write_results(points, config=config.as_dict(), out=out, store=store, experiment=name,
+                            title=f"{config.dataset}, {config.model}: test accuracy vs labels")
+    print(savings_table(summary))
+    print(f"done in {time.perf_counter() - started:.0f}s; wrote {out / 'curves.csv'}, "
+          f"{out / 'summary.json'} and the plot {out / 'curves.png'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alpipe", description="Distributed active learning for images.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="run an active-learning experiment with a simulated oracle",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sim.add_argument("--dataset", default="mnist5k", help="mnist5k, digits, or a folder <class>/<image>")
+    sim.add_argument("--strategies", default="margin,least_confidence,random",
+                     help="comma-separated: random, least_confidence, margin, entropy")
+    sim.add_argument("--seeds", type=int, default=3, help="runs per strategy (seeds 0..N-1)")
+    sim.add_argument("--initial", type=int, default=20, help="size of the initial random labeled set")
+    sim.add_argument("--query-size", type=int, default=10, help="labels asked per round")
+    sim.add_argument("--budget", type=int, default=300, help="total labels per run")
+    sim.add_argument("--pool-size", type=int, default=0,
+                     help="score a random subset of this many unlabeled images per round (0 = all)")
+    sim.add_argument("--model", default="small_cnn", help="small_cnn, resnet18 or efficientnet_lite0")
+    sim.add_argument("--no-pretrained", action="store_true", help="random init instead of ImageNet weights")
+    sim.add_argument("--weights", help="ImageNet weights file for the backbone (resnet18)")
+    sim.add_argument("--test-fraction", type=float, default=0.2, help="stratified test split")
+    sim.add_argument("--split-seed", type=int, default=0, help="seed of the test split")
+    sim.add_argument("--device", help="auto, cpu, cuda, cuda:N (default from ALPIPE_DEVICE)")
+    sim.add_argument("--out", default="runs/experiment", help="folder for curves.csv, summary.json, curves.png")
+    _add_training_args(sim)
+    sim.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("matplotlib", "PIL", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"alpipe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("alpipe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

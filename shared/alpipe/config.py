@@ -1,0 +1,39 @@
+"""Every knob, read from the environment (prefix ALPIPE_) in one place."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALPIPE_", env_file=".env", extra="ignore")
+
+    # Object storage: the local directory is the embedded default; set s3_endpoint for MinIO/S3.
+    data_dir: Path = Path("data")
+    s3_endpoint: str = ""
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_bucket: str = "alpipe"
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+
+    # Redis: empty means `alpipe up` starts its own redis-server on a free port.
+    redis_url: str = Field("", validation_alias="REDIS_URL")
+
+    # Compute
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    torch_threads: int = 0  # 0 = torch's default; set to cores / workers so workers do not fight
+    score_batch_size: int = 256
+    shard_size: int = 2000  # pool samples per score job
+
+    # Labeling
+    lease_ttl_s: int = 600
+    max_upload_bytes: int = 20 * 1024 * 1024
+    job_timeout_s: int = 1800
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

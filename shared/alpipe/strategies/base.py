@@ -1,0 +1,23 @@
+"""The strategy hook: turn class probabilities into informativeness scores."""
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+
+class Strategy(ABC):
+    """One hook, `score`; higher means more informative, so ranking is shared by all strategies."""
+
+    name: str = ""
+    needs_model: bool = True
+
+    @abstractmethod
+    def score(self, probs: np.ndarray, *, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Scores of shape (n,) for a probability matrix of shape (n, n_classes)."""
+
+
+def check_probs(probs: np.ndarray) -> np.ndarray:
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] < 2:
+        raise ValueError(f"expected a probability matrix of shape (n, n_classes>=2), got {probs.shape}")
+    return probs

@@ -1,0 +1,206 @@
+"""Training and evaluation in the torchvision-references shape, with the loop's stopping rules.
+
+Images travel as uint8 tensors (N, C, H, W) already at the model's input size; they are
+normalized per batch, so a decoded pool is held once in compact form.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import UserError
+from .models import ModelSpec, normalize_batch
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the model is (re)trained each round."""
+
+    stop: str = "no_improvement"  # "no_improvement" or "epochs:N"
+    patience: int = 3  # epochs without held-out improvement before stopping
+    max_epochs: int = 30
+    holdout: str = "labeled"  # "labeled": validation carved from labels; "test": the tutorial's way
+    val_fraction: float = 0.2
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    # With 20 labels one pass is a single SGD step; an "epoch" covers at least this many samples
+    # so that early stopping compares models that have actually moved.
+    min_epoch_samples: int = 256
+    warm_start: bool = True
+    augment: bool = True  # small random shifts: cheap, and they help most when labels are few
+
+    def __post_init__(self):
+        fixed_epochs(self.stop)  # validates the rule
+        if self.holdout not in ("labeled", "test"):
+            raise UserError(f"holdout must be 'labeled' or 'test', got {self.holdout!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.patience < 1 or self.max_epochs < 1:
+            raise UserError("patience and max_epochs must be at least 1")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def fixed_epochs(stop: str) -> int | None:
+    """N for an 'epochs:N' rule, None for 'no_improvement'; a UserError for anything else."""
+    if stop == "no_improvement":
+        return None
+    match = re.fullmatch(r"epochs:(\d+)", stop)
+    if not match or int(match.group(1)) < 1:
+        raise UserError(f"unknown stopping rule {stop!r}; use 'no_improvement' or 'epochs:N' (N >= 1)")
+    return int(match.group(1))
+
+
+@dataclass
+class FitResult:
+    epochs: int
+    holdout_accuracy: float | None
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to max_shift pixels (zero fill): label-preserving for most images."""
+    if max_shift <= 0:
+        return images
+    _, _, h, w = images.shape
+    padded = nn.functional.pad(images, (max_shift,) * 4)
+    offsets = torch.randint(0, 2 * max_shift + 1, (len(images), 2), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
+
+
+def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, spec: ModelSpec,
+                    optimizer: torch.optim.Optimizer, criterion: nn.Module, device: torch.device,
+                    config: TrainConfig, generator: torch.Generator) -> float:
+    """One epoch of at least config.min_epoch_samples samples; returns the mean loss."""
+    model.train()
+    n = len(images)
+    repeats = max(1, -(-config.min_epoch_samples // n))
+    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(repeats)])
+    total, steps = 0.0, 0
+    max_shift = max(1, spec.input_size // 14) if config.augment else 0
+    for start in range(0, len(order), config.batch_size):
+        idx = order[start:start + config.batch_size]
+        if len(idx) < 2 and steps > 0:
+            continue  # a batch of one breaks BatchNorm and adds nothing
+        batch = random_shift(images[idx], max_shift, generator)
+        x = normalize_batch(batch, spec).to(device, non_blocking=True)
+        y = labels[idx].to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(x), y)
+        loss.backward()
+        optimizer.step()
+        total += float(loss)
+        steps += 1
+    return total / max(steps, 1)
+
+
+@torch.inference_mode()
+def predict_proba(model: nn.Module, images: torch.Tensor, *, spec: ModelSpec, device: torch.device,
+                  batch_size: int = 512) -> np.ndarray:
+    """Softmax probabilities (N, n_classes) as float32 numpy."""
+    model.eval()
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        x = normalize_batch(images[start:start + batch_size], spec).to(device, non_blocking=True)
+        chunks.append(torch.softmax(model(x).float(), dim=1).cpu())
+    if not chunks:
+        return np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(chunks).numpy()
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, spec: ModelSpec,
+             device: torch.device, batch_size: int = 512) -> float:
+    """Top-1 accuracy in [0, 1]."""
+    if len(images) == 0:
+        return float("nan")
+    probs = predict_proba(model, images, spec=spec, device=device, batch_size=batch_size)
+    return float((probs.argmax(axis=1) == labels.numpy()).mean())
+
+
+def carve_validation(labels: np.ndarray, *, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask of a validation subset of the labeled set, stratified where classes allow."""
+    is_val = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        n_val = int(round(len(members) * fraction))
+        if len(members) >= 3:
+            n_val = max(n_val, 1)
+        n_val = min(n_val, len(members) - 1)  # keep at least one example of each class to learn from
+        if n_val > 0:
+            is_val[rng.permutation(members)[:n_val]] = True
+    return is_val
+
+
+def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, spec: ModelSpec,
+        config: TrainConfig, device: torch.device, seed: int,
+        holdout: tuple[torch.Tensor, torch.Tensor] | None = None,
+        on_epoch: Callable[[int, float, float | None], None] | None = None) -> FitResult:
+    """Train in place by the config's stopping rule; restores the best held-out state.
+
+    holdout is used only when config.holdout == "test" (the tutorial's behaviour); otherwise a
+    validation split is carved from the labeled set for the no_improvement rule.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    criterion = nn.CrossEntropyLoss()
+    n_epochs = fixed_epochs(config.stop)
+    train_x, train_y, val = images, labels, None
+    if n_epochs is None:
+        if config.holdout == "test":
+            if holdout is None:
+                raise ValueError("holdout='test' needs the test images passed as holdout")
+            val = holdout
+        else:
+            is_val = carve_validation(labels.numpy(), fraction=config.val_fraction,
+                                      rng=np.random.default_rng(seed))
+            if is_val.any():
+                mask = torch.from_numpy(is_val)
+                train_x, train_y, val = images[~mask], labels[~mask], (images[mask], labels[mask])
+    best_acc, best_state, stale, epoch = -1.0, None, 0, 0
+    for epoch in range(1, (n_epochs or config.max_epochs) + 1):
+        loss = train_one_epoch(model, train_x, train_y, spec=spec, optimizer=optimizer, criterion=criterion,
+                               device=device, config=config, generator=generator)
+        acc = None
+        if val is not None:
+            acc = evaluate(model, val[0], val[1], spec=spec, device=device)
+            if acc > best_acc:
+                best_acc, best_state, stale = acc, copy.deepcopy(model.state_dict()), 0
+            else:
+                stale += 1
+        if on_epoch:
+            on_epoch(epoch, loss, acc)
+        if val is not None and stale >= config.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return FitResult(epochs=epoch, holdout_accuracy=best_acc if val is not None else None)
+
+
+def make_checkpoint(model: nn.Module, *, model_name: str, model_version: int, classes: list[str],
+                    in_channels: int, config: dict, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """A plain-dict checkpoint: everything needed to rebuild and use the model elsewhere."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer else None,
+        "model_name": model_name,
+        "model_version": model_version,
+        "classes": list(classes),
+        "in_channels": in_channels,
+        "config": config,
+    }
