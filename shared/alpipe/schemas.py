@@ -1,8 +1,8 @@
 """Pydantic models for everything that crosses a process boundary (files, queues, HTTP)."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 Split = Literal["pool", "test"]
 
@@ -24,3 +24,100 @@ class DatasetManifest(BaseModel):
     channels: Literal[1, 3] = Field(description="1 when every image is grayscale, else 3")
     samples: list[SampleRecord]
     skipped: list[str] = Field(default_factory=list, description="files that were not usable images, with why")
+
+
+# --- projects and the wire contract of the services -------------------------------------------
+
+Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+
+
+class TrainOptions(BaseModel):
+    """How the trainer retrains a project (mirrors alpipe.training.TrainConfig)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stop: str = "no_improvement"
+    patience: int = Field(3, ge=1)
+    max_epochs: int = Field(30, ge=1, le=1000)
+    holdout: Literal["labeled", "test"] = "labeled"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(32, ge=2)
+    warm_start: bool = True
+    augment: bool = True
+
+
+class ProjectCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Slug
+    classes: list[str] = Field(min_length=2, description="class names, in the order the model outputs them")
+    strategy: str = "margin"
+    query_size: int = Field(10, ge=1, le=10_000, description="new labels that trigger one retraining")
+    pool_size: int = Field(0, ge=0, description="score a random subset of this many unlabeled images (0 = all)")
+    model: str = "small_cnn"
+    pretrained: bool = True
+    training: TrainOptions = Field(default_factory=TrainOptions)
+    seed: int = 0
+
+
+class Project(ProjectCreate):
+    """What object storage keeps under projects/<name>/project.json."""
+
+    created_at: float
+
+
+class ImportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(description="a built-in dataset (mnist5k, digits) or an ImageFolder path on the server")
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int = 0
+    limit: int = Field(0, ge=0, description="import only the first N images (0 = all), for quick trials")
+
+
+class LabelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sample_id: str
+    label: str
+    lease_token: str | None = None
+
+
+class LabelBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    labels: list[LabelIn] = Field(min_length=1, max_length=10_000)
+    labeler: str = "anonymous"
+
+
+class LabelRecord(BaseModel):
+    """One line of the durable label log."""
+
+    sample_id: str
+    label: str
+    labeler: str
+    at: float
+    batch: str
+
+
+class CurvePointOut(BaseModel):
+    model_version: int
+    n_labeled: int
+    test_accuracy: float
+    train_s: float = 0.0
+    created_at: float = 0.0
+
+
+class TrainJob(BaseModel):
+    project: str
+    requested_at: float
+
+
+class ScoreJob(BaseModel):
+    project: str
+    model_version: int
+    shard: int
+    n_shards: int
+    sample_ids: list[str]
