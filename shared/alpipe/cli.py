@@ -72,6 +72,39 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    from services.api.main import serve
+
+    settings = get_settings()
+    serve(host=args.host or settings.api_host, port=args.port or settings.api_port)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    if args.kind == "trainer":
+        from services.trainer.worker import main as run_worker
+    else:
+        from services.scorer.worker import main as run_worker
+    run_worker(get_settings(), burst=args.burst, name=args.name)
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    import json
+
+    import redis
+
+    from .recovery import recover_all
+    from .storage import open_store
+
+    settings = get_settings()
+    if not settings.redis_url:
+        raise UserError("set REDIS_URL to the Redis to rebuild (e.g. redis://127.0.0.1:6379/0)")
+    report = recover_all(redis.Redis.from_url(settings.redis_url), open_store(settings), settings=settings)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alpipe", description="Distributed active learning for images.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -97,6 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", default="runs/experiment", help="folder for curves.csv, summary.json, curves.png")
     _add_training_args(sim)
     sim.set_defaults(func=cmd_simulate)
+
+    api = sub.add_parser("api", help="run the labeling API (uvicorn)")
+    api.add_argument("--host", help="bind address (default ALPIPE_API_HOST or 127.0.0.1)")
+    api.add_argument("--port", type=int, help="port (default ALPIPE_API_PORT or 8000)")
+    api.set_defaults(func=cmd_api)
+
+    worker = sub.add_parser("worker", help="run one rq worker: trainer (queue train) or scorer (queue score)")
+    worker.add_argument("kind", choices=("trainer", "scorer"))
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.add_argument("--name", help="worker name (default: kind-host-pid)")
+    worker.set_defaults(func=cmd_worker)
+
+    rec = sub.add_parser("recover", help="rebuild Redis state from object storage (after a Redis wipe)")
+    rec.set_defaults(func=cmd_recover)
     return parser
 
 

@@ -3,7 +3,7 @@
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
 
     # Redis: empty means `alpipe up` starts its own redis-server on a free port.
-    redis_url: str = Field("", validation_alias="REDIS_URL")
+    redis_url: str = Field("", validation_alias=AliasChoices("ALPIPE_REDIS_URL", "REDIS_URL"))
 
     # Compute
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -32,6 +32,17 @@ class Settings(BaseSettings):
     lease_ttl_s: int = 600
     max_upload_bytes: int = 20 * 1024 * 1024
     job_timeout_s: int = 1800
+
+    # Recovery from crashed workers: a job's heartbeat key expires after heartbeat_ttl_s, and the
+    # reconciler (run by the API every reconcile_interval_s) re-enqueues work nobody is doing.
+    heartbeat_ttl_s: float = 15.0
+    reconcile_interval_s: float = 2.0
+    # Decoded-image tensors a worker keeps in memory, so each image is decoded once per process.
+    tensor_cache_mb: int = 2048
+
+    # API server
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
 
 
 @lru_cache

@@ -4,12 +4,13 @@ Object keys (the durable source of truth):
     images/<sha256>                              image bytes, content-addressed
     datasets/<name>/manifest.json                a materialized dataset (samples, classes, splits)
     projects/<p>/project.json                    project definition
-    projects/<p>/samples/<sha256>.json           one pool/test sample record of the project
+    projects/<p>/samples/<ts>-<batch>.jsonl      sample records (id, split, known label) added in one call
     projects/<p>/labels/<ts>-<batch>.jsonl       append-only label log, one object per accepted batch
     projects/<p>/models/v<NNNNNN>.pt             immutable checkpoint of model version N
     projects/<p>/models/v<NNNNNN>.json           its metrics (test accuracy, n_labeled, timings)
     projects/<p>/models/current.json             pointer to the newest complete version
     experiments/<name>/<file>                    results of a simulate run
+    cache/datasets/<name>/<HxWxC>.pt             decoded images of a dataset at one input size
 """
 
 QUEUE_TRAIN = "train"
@@ -34,8 +35,8 @@ def project_key(project: str) -> str:
     return f"projects/{project}/project.json"
 
 
-def sample_record_key(project: str, sample_id: str) -> str:
-    return f"projects/{project}/samples/{sample_id}.json"
+def sample_batch_key(project: str, stamp: str, batch_id: str) -> str:
+    return f"projects/{project}/samples/{stamp}-{batch_id}.jsonl"
 
 
 def samples_prefix(project: str) -> str:
