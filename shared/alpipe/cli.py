@@ -62,13 +62,48 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     name = out.name or "experiment"
     store = open_store(settings)
+    cache_dir = settings.data_dir / "datasets"
     started = time.perf_counter()
-    points = run_experiment(config, store=store, cache_dir=settings.data_dir / "datasets", experiment=name)
+    if args.api or args.stack:
+        from .remote import simulate_via_api
+        from .stack import LocalStack
+
+        if args.api:
+            points = simulate_via_api(config, api_url=args.api, store=store, cache_dir=cache_dir, experiment=name)
+        else:
+            with LocalStack(settings, scorers=args.scorers, echo=args.verbose) as stack:
+                log.info("local stack up at %s (logs in %s)", stack.api_url, stack.log_dir)
+                points = simulate_via_api(config, api_url=stack.api_url, store=store, cache_dir=cache_dir,
+                                          experiment=name)
+    else:
+        points = run_experiment(config, store=store, cache_dir=cache_dir, experiment=name)
     summary = write_results(points, config=config.as_dict(), out=out, store=store, experiment=name,
                             title=f"{config.dataset}, {config.model}: test accuracy vs labels")
     print(savings_table(summary))
     print(f"done in {time.perf_counter() - started:.0f}s; wrote {out / 'curves.csv'}, "
           f"{out / 'summary.json'} and the plot {out / 'curves.png'}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import signal
+
+    from .stack import LocalStack
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    stack = LocalStack(get_settings(), scorers=args.scorers, trainers=args.trainers, port=args.port)
+    try:
+        stack.start()
+        print(f"alpipe is up: API {stack.api_url}  docs {stack.api_url}/docs  redis {stack.redis_url}\n"
+              "Ctrl-C stops everything.", flush=True)
+        stack.wait()
+    except KeyboardInterrupt:
+        log.info("stopping the stack")
+    finally:
+        stack.stop()
     return 0
 
 
@@ -128,8 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--split-seed", type=int, default=0, help="seed of the test split")
     sim.add_argument("--device", help="auto, cpu, cuda, cuda:N (default from ALPIPE_DEVICE)")
     sim.add_argument("--out", default="runs/experiment", help="folder for curves.csv, summary.json, curves.png")
+    where = sim.add_argument_group("where the loop runs (default: in this process)")
+    where.add_argument("--api", metavar="URL", help="drive a running alpipe API (e.g. http://127.0.0.1:8000)")
+    where.add_argument("--stack", action="store_true",
+                       help="start the local stack (redis, API, trainer, scorers), run through it, stop it")
+    where.add_argument("--scorers", type=int, default=2, help="scorer workers for --stack")
     _add_training_args(sim)
     sim.set_defaults(func=cmd_simulate)
+
+    up = sub.add_parser("up", help="run the whole stack locally: redis-server, API, trainer, scorers")
+    up.add_argument("--scorers", type=int, default=2, help="scorer worker processes")
+    up.add_argument("--trainers", type=int, default=1, help="trainer worker processes")
+    up.add_argument("--port", type=int, help="API port (default: a free one)")
+    up.set_defaults(func=cmd_up)
 
     api = sub.add_parser("api", help="run the labeling API (uvicorn)")
     api.add_argument("--host", help="bind address (default ALPIPE_API_HOST or 127.0.0.1)")

@@ -1,0 +1,124 @@
+"""The simulated oracle driving the HTTP API: the same experiment as alpipe.loop, through the services.
+
+Each (strategy, seed) run is one project. The oracle asks for queries, answers them from the
+dataset's known labels, then waits until the trainer has a model on all labels so far and the
+scorers have made that model's ranking live: the round structure of the in-process loop, with
+the work done by the services. Runs go on concurrently, so trainer and scorers stay busy.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import httpx
+
+from .data import load_dataset
+from .errors import UserError
+from .loop import ExperimentConfig
+from .results import CurvePoint
+from .storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+class ApiClient:
+    """Thin JSON client; a non-2xx answer becomes an error carrying the API's message."""
+
+    def __init__(self, base_url: str, *, timeout_s: float = 120.0):
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s)
+
+    def call(self, method: str, path: str, **kwargs) -> dict | list:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as e:
+            raise UserError(f"cannot reach the alpipe API at {self.http.base_url}: {e}") from None
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise UserError(f"{method} {path} failed ({response.status_code}): {detail}")
+        return response.json()
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def project_name(experiment: str, strategy: str, seed: int) -> str:
+    stem = re.sub(r"[^a-z0-9_-]+", "-", experiment.lower()).strip("-_")[:20] or "sim"
+    return f"{stem}-{strategy}-s{seed}-{uuid.uuid4().hex[:6]}"
+
+
+def wait_for_round(api: ApiClient, project: str, *, n_labeled: int, timeout_s: float, poll_s: float = 0.1) -> dict:
+    """Poll until a model trained on n_labeled labels exists and its ranking is live."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = api.call("GET", f"/projects/{project}")
+        model = info.get("model") or {}
+        if model.get("n_labeled", 0) >= n_labeled and info.get("live_ranking_version") == model.get("version"):
+            return info
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{project}: no model on {n_labeled} labels with a live ranking after "
+                               f"{timeout_s:.0f}s (last state: model={model}, "
+                               f"live ranking={info.get('live_ranking_version')}, queues={info.get('queues')})")
+        time.sleep(poll_s)
+
+
+def run_remote(api: ApiClient, *, strategy: str, seed: int, config: ExperimentConfig, classes: list[str],
+               oracle: dict[str, str], experiment: str, round_timeout_s: float) -> list[CurvePoint]:
+    """One learning curve through the API."""
+    name = project_name(experiment, strategy, seed)
+    training = {k: v for k, v in asdict(config.train).items() if k not in ("val_fraction", "min_epoch_samples")}
+    api.call("POST", "/projects", json={
+        "name": name, "classes": classes, "strategy": strategy, "query_size": config.query_size,
+        "pool_size": config.pool_size, "model": config.model, "pretrained": config.pretrained,
+        "training": training, "seed": seed})
+    api.call("POST", f"/projects/{name}/samples/import", json={
+        "dataset": config.dataset, "test_fraction": config.test_fraction, "split_seed": config.split_seed})
+    labeled, round_no, last = 0, 0, time.perf_counter()
+    while labeled < config.budget:
+        want = config.initial if round_no == 0 else min(config.query_size, config.budget - labeled)
+        queries = api.call("GET", f"/projects/{name}/queries", params={"n": want, "labeler": "oracle"})
+        samples = queries["samples"]
+        if not samples:
+            break  # the pool is exhausted
+        answers = [{"sample_id": s["sample_id"], "label": oracle[s["sample_id"]],
+                    "lease_token": queries["lease_token"]} for s in samples]
+        api.call("POST", f"/projects/{name}/labels", json={"labels": answers, "labeler": "oracle"})
+        labeled += len(answers)
+        if labeled - len(answers) > 0 and len(answers) < config.query_size:
+            api.call("POST", f"/projects/{name}/train")  # a last partial batch still gets its model
+        info = wait_for_round(api, name, n_labeled=labeled, timeout_s=round_timeout_s)
+        now = time.perf_counter()
+        log.info("%-16s seed=%d round=%-3d labels=%-4d acc=%.4f  round=%.1fs (model v%d)", strategy, seed,
+                 round_no, labeled, info["model"]["test_accuracy"], now - last, info["model"]["version"])
+        last = now
+        round_no += 1
+    curve = api.call("GET", f"/projects/{name}/curve")
+    return [CurvePoint(strategy, seed, i, p["n_labeled"], p["test_accuracy"], p.get("train_s", 0.0))
+            for i, p in enumerate(curve)]
+
+
+def simulate_via_api(config: ExperimentConfig, *, api_url: str, store: ObjectStore, cache_dir: Path,
+                     experiment: str, round_timeout_s: float = 600.0) -> list[CurvePoint]:
+    """Every strategy × seed as concurrent projects on the API; curve points in a stable order."""
+    config.validate()
+    manifest = load_dataset(config.dataset, store=store, cache_dir=cache_dir)
+    oracle = {s.id: s.label for s in manifest.samples if s.label is not None}
+    api = ApiClient(api_url)
+    try:
+        api.call("GET", "/health")
+        runs = [(strategy, seed) for seed in range(config.seeds) for strategy in config.strategies]
+        with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+            futures = [pool.submit(run_remote, api, strategy=strategy, seed=seed, config=config,
+                                   classes=manifest.classes, oracle=oracle, experiment=experiment,
+                                   round_timeout_s=round_timeout_s) for strategy, seed in runs]
+            return [point for future in futures for point in future.result()]
+    finally:
+        api.close()
