@@ -71,6 +71,11 @@ def experiment_key(name: str, filename: str) -> str:
     return f"experiments/{name}/{filename}"
 
 
+def health_probe_key() -> str:
+    """An object /health looks up (absent is fine): proves the store answers."""
+    return "health/probe"
+
+
 # --- redis ----------------------------------------------------------------------------------------
 
 
@@ -82,3 +87,44 @@ def redis_key(project: str, *parts: object) -> str:
 def tensor_cache_key(dataset: str, size: int, channels: int) -> str:
     """Decoded images of a dataset at one input size: decode once, reuse every run."""
     return f"cache/datasets/{dataset}/{size}x{size}x{channels}.pt"
+
+
+# --- redis: work in flight (trainer and scorer jobs, the reconciler) -------------------------------
+
+
+def train_lock_key(project: str) -> str:
+    """Held by the one trainer training the project; its TTL is the trainer's heartbeat."""
+    return redis_key(project, "train_lock")
+
+
+def score_heartbeat_key(project: str, version: int, shard: int) -> str:
+    """Set (with a TTL, refreshed) while a scorer works on one shard of a ranking."""
+    return redis_key(project, "hb", "score", version, shard)
+
+
+def shard_plan_key(project: str, version: int) -> str:
+    """Hash shard -> JSON list of sample ids: the fixed shards of ranking `version`."""
+    return redis_key(project, "ranking", version, "plan")
+
+
+def shard_jobs_key(project: str, version: int) -> str:
+    """Hash shard -> rq job id of its latest attempt, and '<shard>:attempts' -> attempts so far."""
+    return redis_key(project, "ranking", version, "jobs")
+
+
+def fanout_lock_key(project: str, version: int) -> str:
+    """Taken while the shards of ranking `version` are planned, so the plan is written once."""
+    return redis_key(project, "ranking", version, "fanout")
+
+
+def train_attempts_key(project: str) -> str:
+    """Hash labeled-count -> train jobs enqueued for it, so a failing train is not retried forever."""
+    return redis_key(project, "train_attempts")
+
+
+def checkpoint_version(key: str) -> int | None:
+    """The version N of a checkpoint key (inverse of checkpoint_key), None for any other key."""
+    name = key.rpartition("/")[2]
+    if len(name) == 10 and name.startswith("v") and name.endswith(".pt") and name[1:7].isdigit():
+        return int(name[1:7])
+    return None

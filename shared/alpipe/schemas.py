@@ -105,7 +105,7 @@ class LabelRecord(BaseModel):
 class CurvePointOut(BaseModel):
     model_version: int
     n_labeled: int
-    test_accuracy: float
+    test_accuracy: float | None = Field(description="accuracy on the test split; None when it has no labels")
     train_s: float = 0.0
     created_at: float = 0.0
 
@@ -121,3 +121,74 @@ class ScoreJob(BaseModel):
     shard: int
     n_shards: int
     sample_ids: list[str]
+
+
+# --- HTTP responses of the labeling API ------------------------------------------------------------
+
+
+class ProjectCounts(BaseModel):
+    pool: int = Field(description="unlabeled pool samples")
+    labeled: int
+    leased: int = Field(description="pool samples under a live lease")
+    test: int = Field(description="test samples with a known label")
+
+
+class ModelInfo(BaseModel):
+    version: int = Field(description="current model version; 0 = no model yet")
+    n_labeled: int = Field(0, description="labels the current model was trained on")
+    test_accuracy: float | None = None
+
+
+class ProjectPublic(BaseModel):
+    name: str
+    project: Project
+    counts: ProjectCounts
+    model: ModelInfo
+    live_ranking_version: int | None = Field(description="model version whose ranking is served (0 = cold start)")
+    queues: dict[str, int] = Field(description="jobs waiting in the rq queues train and score (all projects)")
+    curve: list[CurvePointOut]
+
+
+class ProjectSummary(BaseModel):
+    name: str
+    classes: list[str]
+    strategy: str
+    model: str
+    created_at: float
+    counts: ProjectCounts
+    model_version: int
+
+
+class UploadResult(BaseModel):
+    sample_id: str
+    split: Split
+    created: bool = Field(description="false when the project already had this image (idempotent re-upload)")
+    image_url: str
+
+
+class ImportResult(BaseModel):
+    dataset: str
+    pool: int = Field(description="pool samples added by this call")
+    test: int = Field(description="test samples added by this call")
+    already_present: int = Field(description="samples the project had already (re-import is a no-op)")
+    skipped: list[str] = Field(description="what was not imported, and why")
+    batch: str | None = Field(description="the sample batch object written, None when nothing was new")
+
+
+class QuerySample(BaseModel):
+    sample_id: str
+    score: float | None = Field(description="the strategy's score in the live ranking; None for a random fill-in")
+    image_url: str
+
+
+class QueryOut(BaseModel):
+    model_version: int | None = Field(description="model version of the ranking served (0 = cold start)")
+    lease_token: str
+    expires_at: float
+    samples: list[QuerySample]
+
+
+class LabelResult(BaseModel):
+    accepted: int = Field(description="labels written by this call")
+    duplicates: int = Field(description="labels already recorded (or repeated in the batch): no-ops")
+    labeled: int = Field(description="labeled samples of the project after this call")

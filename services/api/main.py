@@ -1,0 +1,163 @@
+"""The labeling API: app factory, lifespan (clients, start-up recovery, reconciler), error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from alpipe.config import Settings, get_settings
+from alpipe.errors import NotFound, UserError
+from alpipe.projects import Busy, Conflict, Invalid, NotAnImage, TooLarge
+from alpipe.recovery import recover_all
+
+from .deps import Clients
+from .metrics import ApiMetrics, LatencyMiddleware
+from .routes import router
+
+log = logging.getLogger("alpipe.api")
+
+# Most specific first: the first class in an error's MRO that is listed here gives its status.
+_STATUS: dict[type[UserError], int] = {
+    NotFound: 404, Invalid: 422, Conflict: 409, TooLarge: 413, NotAnImage: 415, Busy: 503, UserError: 400,
+}
+
+
+class Reconciler:
+    """A daemon thread calling alpipe.pipeline.reconcile every interval until stopped."""
+
+    def __init__(self, clients: Clients, settings: Settings):
+        self.clients = clients
+        self.settings = settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="alpipe-reconciler", daemon=True)
+        self.runs = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        from alpipe.pipeline import reconcile
+
+        failing = False
+        while not self._stop.wait(self.settings.reconcile_interval_s):
+            try:
+                reconcile(self.clients.redis, self.clients.store(), self.settings)
+                self.runs += 1
+                if failing:
+                    log.info("reconciler: working again")
+                failing = False
+            except Exception:
+                # Log the first failure of a streak with its traceback, not one per interval.
+                if not failing:
+                    log.exception("reconciler: pass failed; retrying every %.1fs", self.settings.reconcile_interval_s)
+                failing = True
+
+
+def _recover_missing(clients: Clients, settings: Settings) -> None:
+    """Rebuild every project that object storage has and Redis lacks (e.g. after a Redis wipe)."""
+    try:
+        report = recover_all(clients.redis, clients.store(), settings=settings, only_missing=True)
+    except Exception as e:  # Redis or the store is down: start anyway, /health says which
+        log.warning("start-up recovery skipped: %s: %s", e.__class__.__name__, e)
+        return
+    recovered = {name: rep for name, rep in report["projects"].items() if rep.get("status") != "present"}
+    if recovered:
+        log.info("start-up recovery: %s", recovered)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    clients = Clients(settings)
+    app.state.clients = clients
+    await asyncio.to_thread(_recover_missing, clients, settings)
+    reconciler = Reconciler(clients, settings) if settings.reconcile_interval_s > 0 else None
+    app.state.reconciler = reconciler
+    if reconciler is not None:
+        reconciler.start()
+    try:
+        yield
+    finally:
+        if reconciler is not None:
+            await asyncio.to_thread(reconciler.stop)
+        clients.close()
+
+
+def _error(status: int, detail: object, **extra: object) -> JSONResponse:
+    return JSONResponse({"detail": detail, **extra}, status_code=status)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, exc: UserError) -> JSONResponse:
+        status = next(_STATUS[cls] for cls in type(exc).__mro__ if cls in _STATUS)
+        headers = {"Retry-After": "2"} if status == 503 else None
+        response = _error(status, str(exc))
+        if headers:
+            response.headers.update(headers)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        problems = []
+        for err in errors:
+            where = ".".join(str(part) for part in err.get("loc", ()))
+            if err.get("type") == "json_invalid":
+                reason = (err.get("ctx") or {}).get("error", "a decode error")
+                position = err.get("loc", ())[-1:]
+                at = f" at character {position[0]}" if position and isinstance(position[0], int) else ""
+                problems.append(f"the request body is not valid JSON: {reason}{at}")
+            else:
+                problems.append(f"{where}: {err.get('msg')}")
+        # FastAPI's list stays in "detail" for clients that parse it; "message" is for people.
+        detail = [{k: v for k, v in err.items() if k not in ("input", "ctx", "url")} for err in errors]
+        return _error(422, detail, message="; ".join(problems))
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
+        log.warning("%s %s: Redis unavailable: %s", request.method, request.url.path, exc)
+        return _error(503, f"Redis is unavailable: {exc}")
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return _error(500, "internal error; see the API log")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The labeling API over the given settings (default: from the environment)."""
+    settings = settings or get_settings()
+    if not settings.redis_url:
+        raise UserError("set REDIS_URL (or ALPIPE_REDIS_URL) to the Redis the API should use, "
+                        "e.g. redis://127.0.0.1:6379/0; `alpipe up` starts one for you")
+    app = FastAPI(title="alpipe labeling API", version="0.1.0", lifespan=lifespan,
+                  description="Active learning for image classification: upload or import images, get the most "
+                              "informative ones to label, post labels; the trainer and scorers do the rest.")
+    app.state.settings = settings
+    metrics = ApiMetrics(lambda: app.state.clients.redis)
+    app.state.metrics = metrics
+    app.add_middleware(LatencyMiddleware, metrics=metrics)
+    _install_error_handlers(app)
+    app.include_router(router)
+    return app
+
+
+def serve(host: str, port: int) -> None:
+    """Run the API under uvicorn (what `alpipe api` calls)."""
+    import uvicorn
+
+    uvicorn.run(create_app(), host=host, port=port, log_level="info", proxy_headers=True)

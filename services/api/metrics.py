@@ -1,0 +1,101 @@
+"""Prometheus metrics of the API: request counters and latency, and project gauges read at scrape time."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+import redis
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from alpipe.projects import queue_depths
+from alpipe.state import ProjectState, project_names
+
+log = logging.getLogger(__name__)
+
+
+class _StateCollector:
+    """Per-project sample counts, model versions and queue depths, read from Redis on each scrape."""
+
+    def __init__(self, get_redis: Callable[[], redis.Redis]):
+        self.get_redis = get_redis
+
+    def collect(self) -> Iterator[Metric]:
+        samples = GaugeMetricFamily("alpipe_project_samples", "Samples of a project by state",
+                                    labels=["project", "state"])
+        models = GaugeMetricFamily("alpipe_project_model_version", "Current model version of a project",
+                                   labels=["project"])
+        ranking = GaugeMetricFamily("alpipe_project_live_ranking_version",
+                                    "Model version whose ranking is served (0 = cold start)", labels=["project"])
+        queues = GaugeMetricFamily("alpipe_queue_depth", "Jobs waiting in an rq queue", labels=["queue"])
+        up = GaugeMetricFamily("alpipe_redis_up", "1 when the last scrape could read Redis")
+        try:
+            r = self.get_redis()
+            for name in project_names(r):
+                state = ProjectState(r, name)
+                for kind, value in state.counts().items():
+                    samples.add_metric([name, kind], value)
+                models.add_metric([name], state.model_version())
+                live = state.live_version()
+                if live is not None:
+                    ranking.add_metric([name], live)
+            for queue, depth in queue_depths(r=r).items():
+                queues.add_metric([queue], depth)
+            up.add_metric([], 1)
+        except redis.RedisError as e:
+            log.warning("metrics: cannot read Redis: %s", e)
+            up.add_metric([], 0)
+        yield from (samples, models, ranking, queues, up)
+
+
+class ApiMetrics:
+    """One registry per app (tests build many apps in one process)."""
+
+    def __init__(self, get_redis: Callable[[], redis.Redis]):
+        self.registry = CollectorRegistry()
+        self.labels_accepted = Counter("alpipe_labels_accepted", "Labels written to the label log",
+                                       ["project"], registry=self.registry)
+        self.label_duplicates = Counter("alpipe_label_duplicates", "Labels received that were already recorded",
+                                        ["project"], registry=self.registry)
+        self.queries_served = Counter("alpipe_queries_served", "Query requests answered", ["project"],
+                                      registry=self.registry)
+        self.samples_leased = Counter("alpipe_samples_leased", "Samples handed out by queries", ["project"],
+                                      registry=self.registry)
+        self.samples_added = Counter("alpipe_samples_added", "Samples added by upload or import",
+                                     ["project", "split"], registry=self.registry)
+        self.request_seconds = Histogram("alpipe_http_request_duration_seconds", "HTTP request latency",
+                                         ["method", "route", "status"], registry=self.registry,
+                                         buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.registry.register(_StateCollector(get_redis))
+
+
+class LatencyMiddleware:
+    """Times every HTTP request by route template (not raw path, which would explode label values)."""
+
+    def __init__(self, app: ASGIApp, *, metrics: ApiMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.request_seconds.labels(scope["method"], route, str(status)).observe(
+                time.perf_counter() - started)
+

@@ -1,0 +1,219 @@
+"""HTTP routes: parse the request, call one core function of alpipe.projects, format the answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from alpipe import keys, projects
+from alpipe.projects import Invalid, NotAnImage, TooLarge
+from alpipe.schemas import (
+    CurvePointOut,
+    ImportRequest,
+    ImportResult,
+    LabelBatch,
+    LabelResult,
+    ProjectCreate,
+    ProjectPublic,
+    ProjectSummary,
+    QueryOut,
+    UploadResult,
+)
+
+from .deps import MetricsDep, ProjectDep, RedisDep, SettingsDep, StoreDep
+
+router = APIRouter()
+
+# Multipart framing and the small form fields around the file; the file itself is capped exactly.
+_FORM_OVERHEAD = 64 * 1024
+
+
+@router.get("/health", tags=["service"])
+def health(r: RedisDep, request: Request, response: Response) -> dict[str, Any]:
+    """`ok` when Redis and object storage both answer; 503 naming the part that does not."""
+    out: dict[str, Any] = {"status": "ok", "redis": "ok", "store": "ok"}
+    try:
+        r.ping()
+    except Exception as e:
+        out["redis"] = f"unreachable: {e.__class__.__name__}: {e}"
+    try:
+        store = request.app.state.clients.store()
+        store.exists(keys.health_probe_key())
+        out["store_location"] = store.describe()
+    except Exception as e:
+        out["store"] = f"unreachable: {e.__class__.__name__}: {e}"
+    if out["redis"] != "ok" or out["store"] != "ok":
+        out["status"] = "unavailable"
+        response.status_code = 503
+    return out
+
+
+@router.get("/metrics", tags=["service"], response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
+def metrics(metrics: MetricsDep) -> Response:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# --- projects ----------------------------------------------------------------------------------------
+
+
+@router.post("/projects", status_code=201, tags=["projects"])
+def create_project(body: ProjectCreate, r: RedisDep, store: StoreDep) -> ProjectPublic:
+    """Create a project; 409 when the name is taken, 422 for an unknown strategy, model or repeated class."""
+    project = projects.create_project(body, store=store, r=r)
+    return projects.describe_project(project, r=r)
+
+
+@router.get("/projects", tags=["projects"])
+def list_projects(r: RedisDep) -> list[ProjectSummary]:
+    return projects.list_projects(r=r)
+
+
+@router.get("/projects/{name}", tags=["projects"])
+def get_project(project: ProjectDep, r: RedisDep) -> ProjectPublic:
+    """Counts, current model and its accuracy, the live ranking version, queue depths, curve and config."""
+    return projects.describe_project(project, r=r)
+
+
+# --- samples -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Upload:
+    data: bytes
+    filename: str | None
+    label: str | None
+    split: str
+
+
+async def _read_upload(request: Request, *, max_bytes: int) -> _Upload:
+    """Parse the multipart body while counting bytes: never more than max_bytes (+ framing) is read."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise NotAnImage("send the image as multipart/form-data in the field 'file'")
+    limit = max_bytes + _FORM_OVERHEAD
+    too_large = TooLarge(f"upload larger than the limit of {max_bytes} bytes (ALPIPE_MAX_UPLOAD_BYTES)")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+
+    async def capped():
+        total = 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise too_large
+            yield chunk
+
+    try:
+        form = await MultiPartParser(request.headers, capped(), max_files=1, max_fields=10,
+                                     max_part_size=_FORM_OVERHEAD).parse()
+    except MultiPartException as e:
+        raise Invalid(f"malformed multipart body: {e}") from None
+    try:
+        file = form.get("file")
+        if not isinstance(file, UploadFile):
+            raise Invalid("missing the image: send it in the multipart form field 'file'")
+        data = await file.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise too_large
+        label, split = form.get("label"), form.get("split")
+        return _Upload(data=data, filename=file.filename,
+                       label=label if isinstance(label, str) and label else None,
+                       split=split if isinstance(split, str) and split else "pool")
+    finally:
+        await form.close()
+
+
+_UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {
+        "file": {"type": "string", "format": "binary", "description": "the image (any format PIL decodes)"},
+        "label": {"type": "string", "description": "known label: required for split=test; for a pool "
+                                                   "sample it is kept as ground truth, never shown to training"},
+        "split": {"type": "string", "enum": ["pool", "test"], "default": "pool"},
+    }}}}}}
+
+
+@router.post("/projects/{name}/samples", status_code=201, tags=["samples"], openapi_extra=_UPLOAD_BODY,
+             responses={200: {"description": "the project already had this image", "model": UploadResult},
+                        413: {"description": "larger than ALPIPE_MAX_UPLOAD_BYTES"},
+                        415: {"description": "not an image"}})
+async def upload_sample(request: Request, response: Response, project: ProjectDep, r: RedisDep,
+                        store: StoreDep, settings: SettingsDep, metrics: MetricsDep) -> UploadResult:
+    """Upload one image (multipart field `file`); re-uploading the same bytes is a no-op."""
+    upload = await _read_upload(request, max_bytes=settings.max_upload_bytes)
+    result = await run_in_threadpool(projects.add_upload, project, upload.data, filename=upload.filename,
+                                     label=upload.label, split=upload.split, store=store, r=r)
+    if result.created:
+        metrics.samples_added.labels(project.name, result.split).inc()
+    else:
+        response.status_code = 200
+    return result
+
+
+@router.post("/projects/{name}/samples/import", tags=["samples"])
+def import_samples(body: ImportRequest, project: ProjectDep, r: RedisDep, store: StoreDep,
+                   settings: SettingsDep, metrics: MetricsDep) -> ImportResult:
+    """Import a built-in dataset (mnist5k, digits) or an ImageFolder on the server, with a test split."""
+    result = projects.import_dataset(project, body, store=store, r=r, cache_dir=settings.data_dir / "datasets")
+    metrics.samples_added.labels(project.name, "pool").inc(result.pool)
+    metrics.samples_added.labels(project.name, "test").inc(result.test)
+    return result
+
+
+@router.get("/projects/{name}/samples/{sample_id}/image", tags=["samples"], response_class=Response,
+            responses={200: {"content": {"image/*": {}}, "description": "the image bytes"}})
+def sample_image(sample_id: str, project: ProjectDep, r: RedisDep, store: StoreDep) -> Response:
+    data, mime = projects.sample_image(project, sample_id, store=store, r=r)
+    # Content-addressed: the bytes behind an id never change.
+    return Response(data, media_type=mime, headers={"Cache-Control": "public, max-age=31536000, immutable",
+                                                     "ETag": f'"{sample_id}"'})
+
+
+# --- queries and labels ------------------------------------------------------------------------------
+
+
+@router.get("/projects/{name}/queries", tags=["labeling"])
+def get_queries(project: ProjectDep, r: RedisDep, settings: SettingsDep, metrics: MetricsDep,
+                n: Annotated[int, Query(ge=1, le=1000, description="how many samples")] = 10,
+                labeler: Annotated[str, Query(min_length=1, max_length=200)] = "anonymous") -> QueryOut:
+    """The n most informative unlabeled samples of the live ranking, leased to you for lease_ttl_s."""
+    out = projects.lease_queries(project, n=n, labeler=labeler, ttl_s=settings.lease_ttl_s, r=r)
+    metrics.queries_served.labels(project.name).inc()
+    metrics.samples_leased.labels(project.name).inc(len(out.samples))
+    return out
+
+
+@router.post("/projects/{name}/labels", tags=["labeling"],
+             responses={404: {"description": "unknown project or sample"},
+                        409: {"description": "a sample is leased to someone else"},
+                        422: {"description": "a label is not a class, or a sample is in the test split"}})
+def post_labels(body: LabelBatch, project: ProjectDep, r: RedisDep, store: StoreDep, settings: SettingsDep,
+                metrics: MetricsDep) -> LabelResult:
+    """Record labels: all or nothing, durable in the label log before the answer; repeats are no-ops."""
+    result = projects.submit_labels(project, body, store=store, r=r, settings=settings)
+    metrics.labels_accepted.labels(project.name).inc(result.accepted)
+    metrics.label_duplicates.labels(project.name).inc(result.duplicates)
+    return result
+
+
+# --- learning curve ---------------------------------------------------------------------------------
+
+
+@router.get("/projects/{name}/curve", tags=["curve"], response_model=list[CurvePointOut])
+def get_curve(project: ProjectDep, r: RedisDep) -> list[dict]:
+    """Test accuracy vs number of labels, one point per model version."""
+    return projects.curve_points(project, r=r)
+
+
+@router.get("/projects/{name}/curve.png", tags=["curve"], response_class=Response,
+            responses={200: {"content": {"image/png": {}}, "description": "the learning curve plot"}})
+def get_curve_png(project: ProjectDep, r: RedisDep) -> Response:
+    png = projects.curve_png(project, projects.curve_points(project, r=r))
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,494 @@
+"""The labeling service's core: projects, samples, queries, labels and curves.
+
+Pure functions: collaborators (object store, Redis client, settings values) come in as keyword
+arguments; nothing here reads the environment or opens a connection. Every write follows the
+same order: the durable object first (project.json, a sample batch, a label-log batch), then
+Redis. A crash between the two loses nothing, because recovery rebuilds Redis from the objects.
+
+Object layout helpers (reading every sample batch or label-log batch of a project) live here too,
+so the API and recovery read the layout the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import secrets
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import redis
+from pydantic import BaseModel, ValidationError
+
+from . import keys
+from .config import Settings
+from .errors import NotFound, UserError
+from .schemas import (
+    ImportRequest,
+    ImportResult,
+    LabelBatch,
+    LabelRecord,
+    LabelResult,
+    ModelInfo,
+    Project,
+    ProjectCounts,
+    ProjectCreate,
+    ProjectPublic,
+    ProjectSummary,
+    QueryOut,
+    QuerySample,
+    SampleRecord,
+    UploadResult,
+)
+from .state import ProjectState, project_names
+from .storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+# Redis pipelines and HMGETs go in chunks of this many samples, so a big import is a few round
+# trips without one giant command.
+_CHUNK = 5000
+
+
+# --- errors the API maps to status codes (all are UserErrors: the CLI prints them on one line) ----
+
+
+class Invalid(UserError):
+    """Well-formed input the project cannot accept (unknown class, test sample, bad option): 422."""
+
+
+class Conflict(UserError):
+    """The request clashes with the current state (name taken, sample leased to someone else): 409."""
+
+
+class TooLarge(UserError):
+    """An upload over the size limit: 413."""
+
+
+class NotAnImage(UserError):
+    """Bytes that PIL cannot decode as an image: 415."""
+
+
+class Busy(UserError):
+    """The project is being rebuilt from object storage; retry in a moment: 503."""
+
+
+# --- names and small helpers ---------------------------------------------------------------------
+
+
+def new_stamp() -> str:
+    """A sortable stamp for batch object keys: object key order is write order."""
+    return f"{time.time_ns():020d}"
+
+
+def new_batch_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def image_url(project: str, sample_id: str) -> str:
+    """The API path that serves a sample's image (relative, so it works behind any proxy)."""
+    return f"/projects/{project}/samples/{sample_id}/image"
+
+
+def cold_start_score(seed: int, sample_id: str) -> float:
+    """A sample's score in the cold-start ranking: uniform in [0, 1), fixed by (project seed, id).
+
+    Deterministic, so the import, an upload and recovery all give a sample the same place.
+    """
+    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _chunks(items: list, size: int = _CHUNK) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _jsonl(records: Iterable[BaseModel]) -> bytes:
+    return "".join(rec.model_dump_json() + "\n" for rec in records).encode()
+
+
+def _parse_jsonl(data: bytes, model: type[M]) -> list[M]:
+    return [model.model_validate_json(line) for line in data.splitlines() if line.strip()]
+
+
+def _name_list(items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(i) for i in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+# --- object layout ---------------------------------------------------------------------------------
+
+
+def stored_project_names(store: ObjectStore) -> list[str]:
+    """Names of the projects whose project.json is in object storage."""
+    names = []
+    for key in store.list("projects/"):
+        parts = key.split("/")
+        if len(parts) == 3 and key == keys.project_key(parts[1]):
+            names.append(parts[1])
+    return names
+
+
+def read_project(store: ObjectStore, name: str) -> Project:
+    """The project definition from object storage; NotFound when there is none."""
+    try:
+        data = store.get_bytes(keys.project_key(name))
+    except NotFound:
+        raise NotFound(f"project {name!r} not found") from None
+    try:
+        return Project.model_validate_json(data)
+    except ValidationError as e:
+        raise UserError(f"{keys.project_key(name)} is not a valid project definition: {e}") from None
+
+
+def read_sample_batches(store: ObjectStore, project: str) -> Iterator[tuple[str, list[SampleRecord]]]:
+    """(key, records) of every sample batch of the project, in write order."""
+    for key in store.list(keys.samples_prefix(project)):
+        if key.endswith(".jsonl"):
+            yield key, _parse_jsonl(store.get_bytes(key), SampleRecord)
+
+
+def read_label_log(store: ObjectStore, project: str) -> Iterator[tuple[str, list[LabelRecord]]]:
+    """(key, records) of every label-log batch of the project, in write order (latest wins)."""
+    for key in store.list(keys.label_log_prefix(project)):
+        if key.endswith(".jsonl"):
+            yield key, _parse_jsonl(store.get_bytes(key), LabelRecord)
+
+
+# --- projects ----------------------------------------------------------------------------------------
+
+
+def validate_project(body: ProjectCreate) -> None:
+    """Names the first thing wrong with a project definition (Invalid), or returns."""
+    from .models import get_model_spec
+    from .strategies import get_strategy
+    from .training import fixed_epochs
+
+    for check in (lambda: get_strategy(body.strategy), lambda: get_model_spec(body.model),
+                  lambda: fixed_epochs(body.training.stop)):
+        try:
+            check()
+        except UserError as e:
+            raise Invalid(str(e)) from None
+    blank = [c for c in body.classes if not c.strip()]
+    if blank:
+        raise Invalid("class names must not be empty")
+    repeated = sorted(c for c, n in Counter(body.classes).items() if n > 1)
+    if repeated:
+        raise Invalid(f"duplicate class names: {_name_list(repeated)}; every class must appear once")
+
+
+def create_project(body: ProjectCreate, *, store: ObjectStore, r: redis.Redis,
+                   now: float | None = None) -> Project:
+    """Write project.json (create-if-absent, so two racing creates cannot both win), then register it."""
+    validate_project(body)
+    project = Project(**body.model_dump(), created_at=time.time() if now is None else now)
+    state = ProjectState(r, project.name)
+    if state.exists() or not store.put_if_absent(keys.project_key(project.name),
+                                                 project.model_dump_json(indent=1).encode()):
+        raise Conflict(f"project {project.name!r} already exists")
+    state.register(project.model_dump_json())
+    return project
+
+
+def load_project(name: str, *, r: redis.Redis) -> Project:
+    """The project as registered in Redis; NotFound when it is not."""
+    meta = ProjectState(r, name).meta()
+    if meta is None:
+        raise NotFound(f"project {name!r} not found")
+    return Project.model_validate_json(meta)
+
+
+def _counts(state: ProjectState) -> ProjectCounts:
+    return ProjectCounts(**state.counts())
+
+
+def list_projects(*, r: redis.Redis) -> list[ProjectSummary]:
+    out = []
+    for name in project_names(r):
+        try:
+            project = load_project(name, r=r)
+        except NotFound:  # deleted or half-recovered between the two reads
+            continue
+        state = ProjectState(r, name)
+        out.append(ProjectSummary(name=name, classes=project.classes, strategy=project.strategy,
+                                  model=project.model, created_at=project.created_at,
+                                  counts=_counts(state), model_version=state.model_version()))
+    return out
+
+
+def queue_depths(*, r: redis.Redis) -> dict[str, int]:
+    """Jobs waiting in the train and score queues (all projects share them)."""
+    from rq import Queue
+
+    return {name: Queue(name, connection=r).count for name in (keys.QUEUE_TRAIN, keys.QUEUE_SCORE)}
+
+
+def describe_project(project: Project, *, r: redis.Redis) -> ProjectPublic:
+    state = ProjectState(r, project.name)
+    curve = state.curve()
+    version = state.model_version()
+    accuracy = next((p.get("test_accuracy") for p in curve if p.get("model_version") == version), None)
+    return ProjectPublic(
+        name=project.name, project=project, counts=_counts(state),
+        model=ModelInfo(version=version, n_labeled=state.model_labels() if version else 0,
+                        test_accuracy=accuracy),
+        live_ranking_version=state.live_version(), queues=queue_depths(r=r), curve=curve)
+
+
+# --- samples -----------------------------------------------------------------------------------------
+
+
+def sniff_image(data: bytes) -> str:
+    """The PIL format name (PNG, JPEG, ...) of encoded image bytes; NotAnImage when they are not one."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format
+            img.load()  # a full decode: verify() misses truncated data
+    except Image.DecompressionBombError as e:
+        raise NotAnImage(f"image rejected: {e}") from None
+    except Exception as e:  # PIL raises many types for bad data; all mean "not an image we can use"
+        raise NotAnImage(f"not a readable image ({e.__class__.__name__}: {e}); "
+                         "upload a file PIL can decode (png, jpg, gif, bmp, webp, ...)") from None
+    return fmt or "unknown"
+
+
+def image_mime(data: bytes) -> str:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return Image.MIME.get(img.format or "", "application/octet-stream")
+    except Exception:
+        return "application/octet-stream"
+
+
+def _seed_cold_start(state: ProjectState, project: Project, pool_ids: list[str]) -> None:
+    """Give new pool samples a cold-start score while the cold-start ranking is the one served."""
+    if not pool_ids or state.live_version() not in (None, 0):
+        return
+    for chunk in _chunks(pool_ids):
+        state.set_cold_start_ranking({sid: cold_start_score(project.seed, sid) for sid in chunk})
+
+
+def _write_sample_batch(store: ObjectStore, project: str, records: list[SampleRecord]) -> str:
+    key = keys.sample_batch_key(project, new_stamp(), new_batch_id())
+    store.put_if_absent(key, _jsonl(records))
+    return key
+
+
+def add_upload(project: Project, data: bytes, *, filename: str | None, label: str | None, split: str,
+               store: ObjectStore, r: redis.Redis) -> UploadResult:
+    """Add one uploaded image. Re-uploading an image the project has is a no-op (created=False)."""
+    if split not in ("pool", "test"):
+        raise Invalid(f"split must be 'pool' or 'test', got {split!r}")
+    if label is not None and label not in project.classes:
+        raise Invalid(f"label {label!r} is not a class of project {project.name!r}; "
+                      f"allowed: {', '.join(project.classes)}")
+    if split == "test" and label is None:
+        raise Invalid("a test sample needs its label (form field 'label') to be useful for evaluation")
+    sniff_image(data)
+    sample_id = hashlib.sha256(data).hexdigest()
+    state = ProjectState(r, project.name)
+    existing = state.sample_split(sample_id)
+    if existing is not None:
+        return UploadResult(sample_id=sample_id, split=existing, created=False,
+                            image_url=image_url(project.name, sample_id))
+    store.put_if_absent(keys.image_key(sample_id), data)
+    name = Path(filename).name if filename else sample_id
+    _write_sample_batch(store, project.name, [SampleRecord(id=sample_id, name=name, label=label, split=split)])
+    state.add_samples([(sample_id, split, label)])
+    if split == "pool":
+        _seed_cold_start(state, project, [sample_id])
+    return UploadResult(sample_id=sample_id, split=split, created=True, image_url=image_url(project.name, sample_id))
+
+
+def import_dataset(project: Project, request: ImportRequest, *, store: ObjectStore, r: redis.Redis,
+                   cache_dir: Path) -> ImportResult:
+    """Add a built-in dataset or a server-side ImageFolder to the project, with a stratified test split.
+
+    The split is drawn over the whole dataset by split_seed (the in-process simulate loop draws
+    the same one), so a sample's split never depends on `limit` or on the project's classes.
+    `limit` takes a seeded random subset (a prefix of the same permutation for every limit),
+    not the first files, which would be one class. Re-importing adds only what is new.
+    """
+    import numpy as np
+
+    from .data import load_dataset, stratified_split
+
+    manifest = load_dataset(request.dataset, store=store, cache_dir=cache_dir)
+    known = [s for s in manifest.samples if s.label is not None]
+    is_test = stratified_split([s.label for s in known], test_fraction=request.test_fraction,
+                               seed=request.split_seed)
+    order: Iterable[int] = range(len(known))
+    if request.limit and request.limit < len(known):
+        rng = np.random.default_rng(request.split_seed)
+        order = sorted(int(i) for i in rng.permutation(len(known))[:request.limit])
+    classes = set(project.classes)
+    other_classes: Counter[str] = Counter()
+    chosen: list[SampleRecord] = []
+    for i in order:
+        sample = known[i]
+        if sample.label not in classes:
+            other_classes[sample.label] += 1
+            continue
+        chosen.append(SampleRecord(id=sample.id, name=sample.name, label=sample.label,
+                                   split="test" if is_test[i] else "pool"))
+    if not chosen:
+        raise Invalid(f"dataset {manifest.name!r} has no images of the classes of project {project.name!r} "
+                      f"({', '.join(project.classes)}); its classes are {', '.join(manifest.classes)}")
+    skipped = [f"class {c!r} is not a class of the project: {n} images" for c, n in sorted(other_classes.items())]
+    skipped += list(manifest.skipped)
+
+    state = ProjectState(r, project.name)
+    splits: list[str | None] = []
+    for chunk in _chunks([s.id for s in chosen]):
+        splits.extend(state.sample_splits(chunk))
+    new = [s for s, split in zip(chosen, splits, strict=True) if split is None]
+    batch = _write_sample_batch(store, project.name, new) if new else None
+    for chunk in _chunks(new):
+        state.add_samples([(s.id, s.split, s.label) for s in chunk])
+    _seed_cold_start(state, project, [s.id for s in new if s.split == "pool"])
+    return ImportResult(dataset=manifest.name, pool=sum(s.split == "pool" for s in new),
+                        test=sum(s.split == "test" for s in new), already_present=len(chosen) - len(new),
+                        skipped=skipped, batch=batch)
+
+
+def sample_image(project: Project, sample_id: str, *, store: ObjectStore, r: redis.Redis) -> tuple[bytes, str]:
+    """(bytes, content type) of a sample's image; NotFound when the project has no such sample."""
+    if ProjectState(r, project.name).sample_split(sample_id) is None:
+        raise NotFound(f"sample {sample_id!r} not found in project {project.name!r}")
+    data = store.get_bytes(keys.image_key(sample_id))
+    return data, image_mime(data)
+
+
+# --- queries and labels ------------------------------------------------------------------------------
+
+
+def lease_queries(project: Project, *, n: int, labeler: str, ttl_s: float, r: redis.Redis,
+                  now: float | None = None) -> QueryOut:
+    """The next n samples of the live ranking, leased to the caller under one new token."""
+    now = time.time() if now is None else now
+    token = secrets.token_urlsafe(16)  # no spaces: the lease owner is stored as "<token> <labeler>"
+    state = ProjectState(r, project.name)
+    version = state.live_version()
+    leased = state.lease(n, token=token, labeler=labeler, ttl_s=ttl_s, now=now)
+    return QueryOut(model_version=version, lease_token=token, expires_at=now + ttl_s,
+                    samples=[QuerySample(sample_id=sid, score=score, image_url=image_url(project.name, sid))
+                             for sid, score in leased])
+
+
+def submit_labels(project: Project, batch: LabelBatch, *, store: ObjectStore, r: redis.Redis,
+                  settings: Settings, now: float | None = None) -> LabelResult:
+    """Validate every label, append the new ones to the label log (durable), then update Redis.
+
+    All or nothing: one bad item rejects the batch before anything is written. A label equal to
+    the one recorded, or repeated in the batch, is a no-op; a different label replaces it (latest
+    wins). Returns only once the batch is durable and applied.
+    """
+    now = time.time() if now is None else now
+    state = ProjectState(r, project.name)
+    wanted: dict[str, str] = {}
+    tokens: dict[str, str | None] = {}
+    repeated = 0
+    for item in batch.labels:
+        previous = wanted.get(item.sample_id)
+        if previous is not None:
+            if previous != item.label:
+                raise Invalid(f"sample {item.sample_id!r} appears twice in the batch with different labels "
+                              f"({previous!r} and {item.label!r})")
+            repeated += 1
+            continue
+        wanted[item.sample_id] = item.label
+        tokens[item.sample_id] = item.lease_token
+    ids = list(wanted)
+
+    splits = state.sample_splits(ids)
+    unknown = [sid for sid, split in zip(ids, splits, strict=True) if split is None]
+    if unknown:
+        raise NotFound(f"sample {_name_list(unknown)} not found in project {project.name!r}")
+    in_test = [sid for sid, split in zip(ids, splits, strict=True) if split == "test"]
+    if in_test:
+        raise Invalid(f"sample {_name_list(in_test)} is in the test split; test samples keep their known "
+                      "label and cannot be labeled")
+    classes = set(project.classes)
+    bad = [f"{wanted[sid]!r} (sample {sid!r})" for sid in ids if wanted[sid] not in classes]
+    if bad:
+        raise Invalid(f"label {', '.join(bad[:5])} is not a class of project {project.name!r}; "
+                      f"allowed: {', '.join(project.classes)}")
+    holders = state.lease_holders(ids, now=now)
+    taken = [(sid, holder[1]) for sid, holder in zip(ids, holders, strict=True)
+             if holder is not None and holder[0] != tokens[sid]]
+    if taken:
+        sid, labeler = taken[0]
+        more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+        raise Conflict(f"sample {sid!r} is leased to labeler {labeler!r}{more}; send the lease_token you got "
+                       "with the query, or wait until the lease expires")
+
+    current = state.current_labels(ids)
+    new = [sid for sid, label in zip(ids, current, strict=True) if label != wanted[sid]]
+    duplicates = repeated + len(ids) - len(new)
+    if not new:
+        return LabelResult(accepted=0, duplicates=duplicates, labeled=state.counts()["labeled"])
+    batch_id = new_batch_id()
+    records = [LabelRecord(sample_id=sid, label=wanted[sid], labeler=batch.labeler, at=now, batch=batch_id)
+               for sid in new]
+    store.put_if_absent(keys.label_log_key(project.name, new_stamp(), batch_id), _jsonl(records))
+    labeled = state.apply_labels([rec.model_dump() for rec in records])
+    trigger_training(r, project, settings=settings)
+    return LabelResult(accepted=len(records), duplicates=duplicates, labeled=labeled)
+
+
+def trigger_training(r: redis.Redis, project: Project, *, settings: Settings) -> str | None:
+    """Enqueue a train job when query_size new labels arrived (coalesced by the pipeline); its job id."""
+    from .pipeline import maybe_enqueue_train
+
+    return maybe_enqueue_train(r, project, settings=settings)
+
+
+# --- learning curve ---------------------------------------------------------------------------------
+
+
+def curve_points(project: Project, *, r: redis.Redis) -> list[dict]:
+    """The project's learning curve: one point per model version (CurvePointOut fields)."""
+    return ProjectState(r, project.name).curve()
+
+
+def curve_png(project: Project, points: list[dict]) -> bytes:
+    """Test accuracy vs labels as PNG; an empty curve renders as a plot that says so."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # Figure without pyplot: no global state, so concurrent requests can draw safely.
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    points = [p for p in points if p.get("test_accuracy") is not None]  # models without a test split
+    if points:
+        ns = [p["n_labeled"] for p in points]
+        accs = [p["test_accuracy"] for p in points]
+        ax.plot(ns, accs, marker="o", linewidth=2, label=f"{project.strategy}, {project.model}")
+        ax.legend(loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "no model with a test accuracy yet", ha="center", va="center", transform=ax.transAxes,
+                fontsize=14, color="gray")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    ax.set_xlabel("number of labeled images")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{project.name}: test accuracy vs labels")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

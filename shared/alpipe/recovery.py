@@ -1,0 +1,184 @@
+"""Rebuild a project's Redis state from object storage, the source of truth (after a Redis wipe).
+
+What comes back: the project definition, every sample batch (pool and test split), the label
+log replayed in write order (latest label wins, labeled samples leave the pool), the model
+pointer and the learning curve, and a cold-start ranking for the unlabeled pool so labelers are
+served at once. When the project has a model, a scoring of it is enqueued, and its ranking
+replaces the cold-start one when complete.
+
+The project's `meta` key is written last: a project that exists in Redis is a complete one, so
+requests never see a half-rebuilt project, and a crash mid-recovery leaves it to be recovered
+again. Every step is idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+
+import redis
+
+from . import keys
+from .config import Settings
+from .errors import NotFound, UserError
+from .projects import (
+    Busy,
+    cold_start_score,
+    load_project,
+    read_label_log,
+    read_project,
+    read_sample_batches,
+    stored_project_names,
+)
+from .schemas import CurvePointOut, Project
+from .state import ProjectState
+from .storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 5000
+_LOCK_TTL_S = 600
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+def _chunks(items: list, size: int = _CHUNK):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _model_points(store: ObjectStore, project: str) -> tuple[int, int, list[dict]]:
+    """(current version, its n_labeled, curve points up to it) from the models folder."""
+    current_key = keys.current_model_key(project)
+    if not store.exists(current_key):
+        return 0, 0, []
+    current = store.get_json(current_key)
+    version = int(current["version"])
+    points = []
+    pattern = re.compile(re.escape(keys.models_prefix(project)) + r"v(\d+)\.json")
+    for key in store.list(keys.models_prefix(project)):
+        match = pattern.fullmatch(key)
+        # A version above the pointer is a training that never finished moving it: not a model yet.
+        if match and int(match.group(1)) <= version:
+            point = store.get_json(key)
+            CurvePointOut.model_validate(point)  # fail loudly on a malformed metrics object
+            points.append(point)
+    points.sort(key=lambda p: p["model_version"])
+    n_labeled = int(current.get("n_labeled", next((p["n_labeled"] for p in points
+                                                    if p["model_version"] == version), 0)))
+    return version, n_labeled, points
+
+
+def _rebuild(state: ProjectState, store: ObjectStore, project: Project) -> dict:
+    name = project.name
+    n_samples = n_batches = 0
+    for _key, records in read_sample_batches(store, name):
+        n_batches += 1
+        for chunk in _chunks(records):
+            n_samples += state.add_samples([(s.id, s.split, s.label) for s in chunk])
+    n_labels = n_log = 0
+    for _key, records in read_label_log(store, name):
+        n_log += 1
+        n_labels += len(records)
+        for chunk in _chunks(records):
+            state.apply_labels([rec.model_dump() for rec in chunk])
+
+    version, n_labeled, points = _model_points(store, name)
+    for point in points:
+        v = point["model_version"]
+        state.set_model(v, n_labeled if v == version else point["n_labeled"], json.dumps(point))
+    if version and version not in {p["model_version"] for p in points}:
+        # The pointer names a version whose metrics object is gone: keep the model, without its accuracy.
+        log.warning("%s: model v%d has no metrics object; its accuracy is unknown", name, version)
+        state.set_model(version, n_labeled, CurvePointOut(model_version=version, n_labeled=n_labeled,
+                                                          test_accuracy=None).model_dump_json())
+
+    pool = state.pool_ids()
+    for chunk in _chunks(pool):
+        state.set_cold_start_ranking({sid: cold_start_score(project.seed, sid) for sid in chunk})
+    if not pool:
+        state.set_cold_start_ranking({})
+    state.register(project.model_dump_json())  # last: from here on the project is served
+    counts = state.counts()
+    return {"status": "recovered", "sample_batches": n_batches, "samples": n_samples, "label_batches": n_log,
+            "label_records": n_labels, "pool": counts["pool"], "labeled": counts["labeled"],
+            "test": counts["test"], "model_version": version, "curve_points": len(points)}
+
+
+def _restart_work(r: redis.Redis, store: ObjectStore, project: Project, version: int, *,
+                  settings: Settings) -> dict:
+    """Enqueue a scoring of the current model and any training the labels call for."""
+    from .pipeline import enqueue_scoring, maybe_enqueue_train
+
+    out: dict = {}
+    try:
+        out["scoring"] = enqueue_scoring(r, store, project, version, settings=settings) if version else None
+        out["training"] = maybe_enqueue_train(r, project, settings=settings)
+    except redis.RedisError:
+        raise
+    except Exception as e:  # the state is back; the reconciler retries work that is missing
+        log.exception("%s: recovered, but restarting its jobs failed", project.name)
+        out["jobs_error"] = f"{e.__class__.__name__}: {e}"
+    return out
+
+
+def recover_project(r: redis.Redis, store: ObjectStore, name: str, *, settings: Settings) -> dict:
+    """Rebuild one project's Redis state from object storage; a report of what came back.
+
+    Raises NotFound when the store has no such project, Busy when another process is rebuilding it.
+    """
+    started = time.perf_counter()
+    project = read_project(store, name)
+    state = ProjectState(r, name)
+    lock = state.key("recovering")
+    token = uuid.uuid4().hex
+    if not r.set(lock, token, nx=True, ex=_LOCK_TTL_S):
+        raise Busy(f"project {name!r} is being rebuilt from object storage; retry in a moment")
+    try:
+        report = _rebuild(state, store, project)
+    finally:
+        r.eval(_RELEASE_LUA, 1, lock, token)
+    report.update(_restart_work(r, store, project, report["model_version"], settings=settings))
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    log.info("recovered project %s: %s", name, report)
+    return report
+
+
+def recover_all(r: redis.Redis, store: ObjectStore, *, settings: Settings, only_missing: bool = False) -> dict:
+    """recover_project for every project in object storage (only those absent from Redis if only_missing)."""
+    report: dict[str, dict] = {}
+    for name in stored_project_names(store):
+        if only_missing and ProjectState(r, name).exists():
+            report[name] = {"status": "present"}
+            continue
+        try:
+            report[name] = recover_project(r, store, name, settings=settings)
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise  # nothing else will work either
+        except Exception as e:  # one broken project must not keep the others down
+            if isinstance(e, UserError):
+                log.warning("could not recover project %s: %s", name, e)
+            else:
+                log.exception("could not recover project %s", name)
+            report[name] = {"status": "error", "error": f"{e}" if isinstance(e, UserError)
+                            else f"{e.__class__.__name__}: {e}"}
+    return {"projects": report}
+
+
+def load_or_recover(r: redis.Redis, store: ObjectStore, name: str, *, settings: Settings) -> Project:
+    """The project from Redis; when Redis lost it but object storage has it, rebuild it first."""
+    try:
+        return load_project(name, r=r)
+    except NotFound:
+        if not _NAME.fullmatch(name) or not store.exists(keys.project_key(name)):
+            raise
+    log.warning("project %s is in object storage but not in Redis: rebuilding it", name)
+    try:
+        recover_project(r, store, name, settings=settings)
+    except Busy:
+        if not ProjectState(r, name).exists():
+            raise
+    return load_project(name, r=r)
