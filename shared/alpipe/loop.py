@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from . import keys
-from .data import decode_images, load_dataset, stratified_split
+from .data import load_dataset, stratified_split
 from .errors import UserError
+from .images import decode_images
 from .models import build_model, get_model_spec, model_in_channels
 from .results import CurvePoint
 from .storage import ObjectStore

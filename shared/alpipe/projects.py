@@ -168,9 +168,9 @@ def read_label_log(store: ObjectStore, project: str) -> Iterator[tuple[str, list
 
 def validate_project(body: ProjectCreate) -> None:
     """Names the first thing wrong with a project definition (Invalid), or returns."""
-    from .models import get_model_spec
+    from .model_specs import get_model_spec
     from .strategies import get_strategy
-    from .training import fixed_epochs
+    from .train_config import fixed_epochs
 
     for check in (lambda: get_strategy(body.strategy), lambda: get_model_spec(body.model),
                   lambda: fixed_epochs(body.training.stop)):

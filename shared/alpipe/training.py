@@ -7,58 +7,17 @@ normalized per batch, so a decoded pool is held once in compact form.
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import UserError
 from .models import ModelSpec, normalize_batch
+from .train_config import TrainConfig, fixed_epochs
 
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How the model is (re)trained each round."""
-
-    stop: str = "no_improvement"  # "no_improvement" or "epochs:N"
-    patience: int = 3  # epochs without held-out improvement before stopping
-    max_epochs: int = 30
-    holdout: str = "labeled"  # "labeled": validation carved from labels; "test": the tutorial's way
-    val_fraction: float = 0.2
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    batch_size: int = 32
-    # With 20 labels one pass is a single SGD step; an "epoch" covers at least this many samples
-    # so that early stopping compares models that have actually moved.
-    min_epoch_samples: int = 256
-    warm_start: bool = True
-    augment: bool = True  # small random shifts: cheap, and they help most when labels are few
-
-    def __post_init__(self):
-        fixed_epochs(self.stop)  # validates the rule
-        if self.holdout not in ("labeled", "test"):
-            raise UserError(f"holdout must be 'labeled' or 'test', got {self.holdout!r}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise UserError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
-        if self.patience < 1 or self.max_epochs < 1:
-            raise UserError("patience and max_epochs must be at least 1")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def fixed_epochs(stop: str) -> int | None:
-    """N for an 'epochs:N' rule, None for 'no_improvement'; a UserError for anything else."""
-    if stop == "no_improvement":
-        return None
-    match = re.fullmatch(r"epochs:(\d+)", stop)
-    if not match or int(match.group(1)) < 1:
-        raise UserError(f"unknown stopping rule {stop!r}; use 'no_improvement' or 'epochs:N' (N >= 1)")
-    return int(match.group(1))
+__all__ = ["TrainConfig", "evaluate", "fit", "fixed_epochs", "make_checkpoint", "predict_proba", "resolve_device"]
 
 
 @dataclass
@@ -104,7 +63,7 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         loss = criterion(model(x), y)
         loss.backward()
         optimizer.step()
-        total += float(loss)
+        total += loss.item()
         steps += 1
     return total / max(steps, 1)
 
@@ -169,9 +128,11 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, spec: M
         else:
             is_val = carve_validation(labels.numpy(), fraction=config.val_fraction,
                                       rng=np.random.default_rng(seed))
-            if is_val.any():
+            if is_val.sum() >= config.min_val_size:
                 mask = torch.from_numpy(is_val)
                 train_x, train_y, val = images[~mask], labels[~mask], (images[mask], labels[mask])
+            else:
+                n_epochs = config.small_set_epochs
     best_acc, best_state, stale, epoch = -1.0, None, 0, 0
     for epoch in range(1, (n_epochs or config.max_epochs) + 1):
         loss = train_one_epoch(model, train_x, train_y, spec=spec, optimizer=optimizer, criterion=criterion,

@@ -5,8 +5,9 @@ import pytest
 from PIL import Image
 
 from alpipe import keys
-from alpipe.data import decode_image, ingest_folder, load_dataset, stratified_split
+from alpipe.data import ingest_folder, load_dataset, stratified_split
 from alpipe.errors import UserError
+from alpipe.images import decode_image
 from alpipe.storage import LocalStore
 
 

@@ -583,28 +583,51 @@ def test_api_listens_where_the_probes_look():
     assert exposed == ["8000"]
 
 
-def _api_imports() -> list[str]:
-    """services/api's modules and every module they import, at the top or inside functions (lazily)."""
+def _imports_of(path: Path, package: str) -> set[str]:
+    """Modules a file imports, at the top or inside functions (lazily), resolved to absolute names."""
     import ast
     import importlib.util
 
-    package = ROOT / "services" / "api"
-    found = {"services.api." + p.stem for p in package.glob("*.py") if p.stem != "__init__"}
-    for path in package.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                found.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
-                module = ("services.api" + (f".{node.module}" if node.module else "")) if node.level else node.module
-                found.add(module)
-                if module.partition(".")[0] not in ("alpipe", "services"):
-                    continue
-                spec = importlib.util.find_spec(module)
-                if spec is not None and spec.submodule_search_locations is not None:  # a package
-                    for alias in node.names:  # `from alpipe import keys`: keys is a module
-                        if importlib.util.find_spec(f"{module}.{alias.name}"):
-                            found.add(f"{module}.{alias.name}")
-    return sorted(found)
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module) if p) if node.level else node.module
+            found.add(module)
+            if module.partition(".")[0] not in ("alpipe", "services"):
+                continue
+            spec = importlib.util.find_spec(module)
+            if spec is not None and spec.submodule_search_locations is not None:  # a package
+                for alias in node.names:  # `from alpipe import keys`: keys is a module
+                    if importlib.util.find_spec(f"{module}.{alias.name}"):
+                        found.add(f"{module}.{alias.name}")
+    return found
+
+
+def _api_imports() -> list[str]:
+    """services/api's modules and every project module they reach, following lazy imports too."""
+    import importlib.util
+
+    todo = ["services.api." + p.stem for p in (ROOT / "services" / "api").glob("*.py") if p.stem != "__init__"]
+    seen: set[str] = set()
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        if module.partition(".")[0] not in ("alpipe", "services"):
+            continue
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+            continue
+        package = module if spec.submodule_search_locations is not None else module.rpartition(".")[0]
+        todo.extend(_imports_of(Path(spec.origin), package))
+    # Training and scoring code runs only in the workers; the API enqueues it by dotted path.
+    worker_only = {"alpipe.models", "alpipe.training", "alpipe.loop", "alpipe.checkpoints", "alpipe.scoring",
+                   "alpipe.trainer_core", "alpipe.tensor_cache"}
+    return sorted(seen - worker_only)
 
 
 def test_api_image_runs_without_torch():
