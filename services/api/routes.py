@@ -23,6 +23,7 @@ from alpipe.schemas import (
     ProjectPublic,
     ProjectSummary,
     QueryOut,
+    TrainRequestResult,
     UploadResult,
 )
 
@@ -201,6 +202,16 @@ def post_labels(body: LabelBatch, project: ProjectDep, r: RedisDep, store: Store
     metrics.labels_accepted.labels(project.name).inc(result.accepted)
     metrics.label_duplicates.labels(project.name).inc(result.duplicates)
     return result
+
+
+@router.post("/projects/{name}/train", status_code=202, tags=["labeling"])
+def post_train(project: ProjectDep, r: RedisDep, settings: SettingsDep) -> TrainRequestResult:
+    """Retrain now on labels the current model has not seen, even fewer than query_size of them.
+
+    job_id is null when there is nothing new, or when a train job is already queued or running
+    (it will see these labels; ask again once it is done if it was started before they arrived).
+    """
+    return projects.request_training(r, project, settings=settings)
 
 
 # --- learning curve ---------------------------------------------------------------------------------

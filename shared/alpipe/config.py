@@ -39,6 +39,15 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = 2.0
     # Decoded-image tensors a worker keeps in memory, so each image is decoded once per process.
     tensor_cache_mb: int = 2048
+    # A score shard (or a train at one label count) that failed or whose worker died this many
+    # times is left alone (the reconciler reports it) rather than retried forever.
+    max_job_attempts: int = 5
+
+    # Test-only: slow a worker down so crash tests can kill it mid-job (0 = off, as in production).
+    # A scorer sleeps this long after taking a shard and before writing its scores; a trainer
+    # sleeps this long after every epoch.
+    test_score_delay_s: float = 0.0
+    test_train_epoch_delay_s: float = 0.0
 
     # API server
     api_host: str = "127.0.0.1"

@@ -43,6 +43,7 @@ from .schemas import (
     QueryOut,
     QuerySample,
     SampleRecord,
+    TrainRequestResult,
     UploadResult,
 )
 from .state import ProjectState, project_names
@@ -454,6 +455,15 @@ def trigger_training(r: redis.Redis, project: Project, *, settings: Settings) ->
     from .pipeline import maybe_enqueue_train
 
     return maybe_enqueue_train(r, project, settings=settings)
+
+
+def request_training(r: redis.Redis, project: Project, *, settings: Settings) -> TrainRequestResult:
+    """Queue a train job now for any labels the current model has not seen (a partial batch too)."""
+    from .pipeline import maybe_enqueue_train
+
+    job_id = maybe_enqueue_train(r, project, settings=settings, force=True)
+    state = ProjectState(r, project.name)
+    return TrainRequestResult(job_id=job_id, labeled=state.counts()["labeled"], model_labels=state.model_labels())
 
 
 # --- learning curve ---------------------------------------------------------------------------------

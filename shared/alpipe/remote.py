@@ -22,6 +22,7 @@ from .data import load_dataset
 from .errors import UserError
 from .loop import ExperimentConfig
 from .results import CurvePoint
+from .schemas import TrainOptions
 from .storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -70,11 +71,23 @@ def wait_for_round(api: ApiClient, project: str, *, n_labeled: int, timeout_s: f
         time.sleep(poll_s)
 
 
+def request_training(api: ApiClient, project: str, *, n_labeled: int, timeout_s: float, poll_s: float = 0.2) -> None:
+    """Ask for a model on a partial batch; retried while another train job holds the project."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = api.call("POST", f"/projects/{project}/train")
+        if answer["job_id"] or answer["model_labels"] >= n_labeled:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{project}: could not queue training on {n_labeled} labels within {timeout_s:.0f}s")
+        time.sleep(poll_s)
+
+
 def run_remote(api: ApiClient, *, strategy: str, seed: int, config: ExperimentConfig, classes: list[str],
                oracle: dict[str, str], experiment: str, round_timeout_s: float) -> list[CurvePoint]:
     """One learning curve through the API."""
     name = project_name(experiment, strategy, seed)
-    training = {k: v for k, v in asdict(config.train).items() if k not in ("val_fraction", "min_epoch_samples")}
+    training = {k: v for k, v in asdict(config.train).items() if k in TrainOptions.model_fields}
     api.call("POST", "/projects", json={
         "name": name, "classes": classes, "strategy": strategy, "query_size": config.query_size,
         "pool_size": config.pool_size, "model": config.model, "pretrained": config.pretrained,
@@ -93,7 +106,7 @@ def run_remote(api: ApiClient, *, strategy: str, seed: int, config: ExperimentCo
         api.call("POST", f"/projects/{name}/labels", json={"labels": answers, "labeler": "oracle"})
         labeled += len(answers)
         if labeled - len(answers) > 0 and len(answers) < config.query_size:
-            api.call("POST", f"/projects/{name}/train")  # a last partial batch still gets its model
+            request_training(api, name, n_labeled=labeled, timeout_s=round_timeout_s)
         info = wait_for_round(api, name, n_labeled=labeled, timeout_s=round_timeout_s)
         now = time.perf_counter()
         log.info("%-16s seed=%d round=%-3d labels=%-4d acc=%.4f  round=%.1fs (model v%d)", strategy, seed,

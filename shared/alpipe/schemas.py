@@ -40,6 +40,10 @@ class TrainOptions(BaseModel):
     patience: int = Field(3, ge=1)
     max_epochs: int = Field(30, ge=1, le=1000)
     holdout: Literal["labeled", "test"] = "labeled"
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    min_val_size: int = Field(10, ge=1, description="fewer held-out labels than this: train small_set_epochs")
+    small_set_epochs: int = Field(12, ge=1)
+    min_epoch_samples: int = Field(256, ge=1, description="an epoch covers at least this many samples")
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
@@ -113,6 +117,13 @@ class CurvePointOut(BaseModel):
 class TrainJob(BaseModel):
     project: str
     requested_at: float
+    force: bool = Field(False, description="train on any new label, not only after query_size of them")
+
+
+class TrainRequestResult(BaseModel):
+    job_id: str | None = Field(description="the queued train job; None when nothing new is there to train on")
+    labeled: int
+    model_labels: int
 
 
 class ScoreJob(BaseModel):

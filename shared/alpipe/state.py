@@ -12,7 +12,7 @@ import time
 
 import redis
 
-from .keys import redis_key
+from .keys import redis_key, shard_jobs_key, shard_plan_key
 
 PROJECTS_KEY = "alpipe:projects"
 
@@ -64,6 +64,13 @@ return 1
 """
 
 
+# Deletes a key only while it holds the caller's value (a slot or lock someone else took is kept).
+_DELETE_IF_EQUAL_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 class ProjectState:
     """Redis operations of one project; every method is safe to repeat."""
 
@@ -72,6 +79,7 @@ class ProjectState:
         self.project = project
         self._lease = r.register_script(_LEASE_LUA)
         self._shard_done = r.register_script(_SHARD_DONE_LUA)
+        self._release_if = r.register_script(_DELETE_IF_EQUAL_LUA)
 
     def key(self, *parts: object) -> str:
         return redis_key(self.project, *parts)
@@ -120,6 +128,12 @@ class ProjectState:
         value = self.r.hget(self.key("samples"), sample_id)
         return value.decode() if value is not None else None
 
+    def sample_splits(self, sample_ids: list[str]) -> list[str | None]:
+        """Split of each sample ('pool' or 'test'), None where the project does not have it."""
+        if not sample_ids:
+            return []
+        return [v.decode() if v is not None else None for v in self.r.hmget(self.key("samples"), sample_ids)]
+
     def test_labels(self) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in self.r.hgetall(self.key("test_labels")).items()}
 
@@ -159,6 +173,24 @@ class ProjectState:
             return None
         token, _, labeler = owner.decode().partition(" ")
         return token, labeler
+
+    def lease_holders(self, sample_ids: list[str], now: float | None = None) -> list[tuple[str, str] | None]:
+        """lease_holder for many samples in one round trip."""
+        if not sample_ids:
+            return []
+        now = time.time() if now is None else now
+        pipe = self.r.pipeline()
+        pipe.zmscore(self.key("leases"), sample_ids)
+        pipe.hmget(self.key("lease_owner"), sample_ids)
+        expiries, owners = pipe.execute()
+        out: list[tuple[str, str] | None] = []
+        for expiry, owner in zip(expiries, owners, strict=True):
+            if expiry is None or expiry <= now or owner is None:
+                out.append(None)
+                continue
+            token, _, labeler = owner.decode().partition(" ")
+            out.append((token, labeler))
+        return out
 
     def labels(self) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in self.r.hgetall(self.key("labels")).items()}
@@ -222,7 +254,8 @@ class ProjectState:
         """Older rankings are never served again once a newer one is live."""
         for old in range(max(0, version - 50), version):
             self.r.delete(self.ranking_key(old), self.key("ranking", old, "done"),
-                          self.key("ranking", old, "n_shards"))
+                          self.key("ranking", old, "n_shards"), shard_plan_key(self.project, old),
+                          shard_jobs_key(self.project, old))
 
     # --- models and training triggers ---------------------------------------------------------------
 
@@ -258,8 +291,11 @@ class ProjectState:
         value = self.r.get(self.key("train_queued"))
         return value.decode() if value is not None else None
 
-    def release_train_slot(self) -> None:
-        self.r.delete(self.key("train_queued"))
+    def release_train_slot(self, job_id: str | None = None) -> bool:
+        """Free the slot; with job_id, only while that job still holds it. True when this freed it."""
+        if job_id is None:
+            return bool(self.r.delete(self.key("train_queued")))
+        return bool(self._release_if(keys=[self.key("train_queued")], args=[job_id]))
 
     def wipe(self) -> None:
         """Delete every Redis key of the project (object storage is untouched)."""

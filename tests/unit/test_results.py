@@ -39,3 +39,14 @@ def test_csv_round_trip_and_summary():
     assert summary["strategies"]["margin"]["mean_curve"]["mean"] == pytest.approx([0.5, 0.7])
     assert "label_savings" not in summary["strategies"]["random"]
     assert not math.isnan(summary["strategies"]["margin"]["label_savings"]["median_extra_fraction"])
+
+
+def test_train_options_mirror_train_config():
+    """The API's TrainOptions and the library's TrainConfig must stay the same knobs with the same defaults."""
+    import dataclasses
+
+    from alpipe.schemas import TrainOptions
+    from alpipe.train_config import TrainConfig
+
+    config_fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    assert config_fields == TrainOptions().model_dump()

@@ -1,0 +1,518 @@
+"""Orchestration of the trainer and scorer jobs: enqueueing, fan-out, heartbeats and the reconciler.
+
+Imported by the API, so nothing here imports torch: jobs are enqueued by dotted path.
+
+Who does what
+- `maybe_enqueue_train` (the API, after labels; the trainer, after a round) queues one train job
+  when `query_size` new labels arrived, holding the project's train slot so that at most one train
+  job per project waits in the queue.
+- The trainer (alpipe.trainer_core) takes the project's train lock, releases the slot, trains,
+  writes checkpoint vN, moves the pointer, then calls `enqueue_scoring(vN)`.
+- `enqueue_scoring` plans the shards of ranking vN once (stored in Redis, so a lost shard can be
+  re-sent with the same samples) and queues one score job per shard.
+- Scorers (alpipe.scoring) keep a heartbeat key alive while they work on a shard.
+- `reconcile` (the API, every `reconcile_interval_s`) re-enqueues work that nobody is doing: a due
+  train with no live job and no live trainer, and shards of the current model's ranking that are
+  neither done, nor waiting in the queue, nor covered by a live heartbeat. A worker killed mid-job
+  (SIGKILL, lost node) is therefore replaced within heartbeat_ttl_s + reconcile_interval_s plus
+  the time the new job takes.
+
+Job ids are deterministic: `train-{p}-n{labeled}` and `score-{p}-v{version}-s{shard}`; a retry
+appends `-a{attempt}` (rq 2 allows only letters, digits, '_' and '-' in job ids; read from the
+right, the fixed suffix keeps ids of different projects apart). Retries per shard (and per labeled
+count for training) stop after `max_job_attempts`, so a job that always fails is reported instead
+of looping.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+
+import numpy as np
+import redis
+from rq import Queue
+from rq.job import Job, JobStatus
+from rq.utils import utcparse
+
+from . import keys
+from .config import Settings, get_settings
+from .errors import NotFound
+from .schemas import Project, ScoreJob, TrainJob
+from .state import ProjectState, project_names
+from .storage import ObjectStore
+from .strategies import subsample_pool
+
+log = logging.getLogger(__name__)
+
+TRAIN_FUNC = "services.trainer.jobs.train"
+SCORE_FUNC = "services.scorer.jobs.score_shard"
+
+# The slot outlives any sane queue wait; the reconciler frees it sooner when its job is gone.
+TRAIN_SLOT_TTL_S = 6 * 3600
+RESULT_TTL_S = 3600
+FAILURE_TTL_S = 7 * 24 * 3600
+FANOUT_LOCK_TTL_S = 300
+_PLAN_CHUNK = 500
+
+# A job in these states will run without help; "started" is judged by heartbeats instead.
+_WAITING = {JobStatus.QUEUED.value, JobStatus.SCHEDULED.value, JobStatus.DEFERRED.value,
+            JobStatus.CREATED.value}
+
+
+def worker_identity(job_id: str | None = None) -> str:
+    """host:pid[:job] — the value of heartbeat keys, so an operator can tell who holds one."""
+    base = f"{socket.gethostname()}:{os.getpid()}"
+    return f"{base}:{job_id}" if job_id else base
+
+
+def load_project(store: ObjectStore, name: str) -> Project:
+    """The project definition from object storage (NotFound when it does not exist)."""
+    return Project.model_validate_json(store.get_bytes(keys.project_key(name)))
+
+
+# --- heartbeats and locks ---------------------------------------------------------------------------
+
+# Keeps our key alive; an exclusive key held by someone else is left alone (returns 0).
+_REFRESH_LUA = """
+local ttl = tonumber(ARGV[2])
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ttl) end
+if ARGV[3] == '1' then
+  if redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl, 'NX') then return 1 end
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+return 1
+"""
+
+_DELETE_IF_EQUAL_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class Heartbeat:
+    """A Redis key with a TTL, kept alive by a daemon thread every ttl/3 while work is in progress.
+
+    exclusive=True makes it a lock (SET NX): `acquire` waits while a live holder has it. When the
+    process dies the key expires after ttl_s, which is how the reconciler tells dead work from
+    slow work.
+    """
+
+    def __init__(self, r: redis.Redis, key: str, ttl_s: float, *, value: str | None = None,
+                 exclusive: bool = False):
+        self.r = r
+        self.key = key
+        self.ttl_ms = max(100, int(ttl_s * 1000))
+        self.value = value or f"{worker_identity()}:{uuid.uuid4().hex[:8]}"
+        self.exclusive = exclusive
+        self.lost = False
+        self._refresh = r.register_script(_REFRESH_LUA)
+        self._delete = r.register_script(_DELETE_IF_EQUAL_LUA)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self, *, wait: bool = True, poll_s: float | None = None) -> bool:
+        """Take the key (and start refreshing it); with wait, poll until a live holder lets go."""
+        poll_s = poll_s if poll_s is not None else min(1.0, self.ttl_ms / 3000)
+        while True:
+            if self.exclusive:
+                taken = bool(self.r.set(self.key, self.value, px=self.ttl_ms, nx=True))
+            else:
+                taken = bool(self.r.set(self.key, self.value, px=self.ttl_ms))
+            if taken:
+                self._start_thread()
+                return True
+            if not wait:
+                return False
+            time.sleep(poll_s)
+
+    def _start_thread(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat {self.key}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = self.ttl_ms / 3000
+        while not self._stop.wait(interval):
+            try:
+                kept = self._refresh(keys=[self.key], args=[self.value, self.ttl_ms, int(self.exclusive)])
+            except redis.RedisError as e:  # keep trying: Redis may come back before the TTL runs out
+                log.warning("heartbeat %s: %s", self.key, e)
+                continue
+            if not kept and not self.lost:
+                self.lost = True
+                log.warning("heartbeat %s: lost to another holder", self.key)
+
+    def release(self) -> None:
+        """Stop refreshing and delete the key if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        try:
+            self._delete(keys=[self.key], args=[self.value])
+        except redis.RedisError as e:  # it expires by itself
+            log.warning("heartbeat %s: not deleted: %s", self.key, e)
+
+    def __enter__(self) -> Heartbeat:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def train_lock(r: redis.Redis, project: str, *, ttl_s: float, job_id: str | None = None) -> Heartbeat:
+    """The per-project training lock; its TTL is the running trainer's heartbeat."""
+    value = f"{worker_identity(job_id)}:{uuid.uuid4().hex[:8]}"  # unique even for two calls in one process
+    return Heartbeat(r, keys.train_lock_key(project), ttl_s, value=value, exclusive=True)
+
+
+def score_heartbeat(r: redis.Redis, project: str, version: int, shard: int, *, ttl_s: float,
+                    job_id: str | None = None) -> Heartbeat:
+    return Heartbeat(r, keys.score_heartbeat_key(project, version, shard), ttl_s, value=worker_identity(job_id))
+
+
+# --- rq helpers ------------------------------------------------------------------------------------
+
+
+def _job_states(r: redis.Redis, job_ids: Sequence[str | None]) -> list[tuple[str | None, float | None]]:
+    """(status, started_at as a unix time) of each job id, (None, None) for a missing job.
+
+    One pipelined HMGET per job instead of Job.fetch, which would also load every payload; this
+    reads rq's job hash fields `status` and `started_at` (rq==2.12, pinned).
+    """
+    pipe = r.pipeline()
+    for job_id in job_ids:
+        if job_id:
+            pipe.hmget(Job.key_for(job_id), ["status", "started_at"])
+    answers = iter(pipe.execute())
+    out: list[tuple[str | None, float | None]] = []
+    for job_id in job_ids:
+        if not job_id:
+            out.append((None, None))
+            continue
+        status, started = next(answers)
+        started_at = None
+        if started:
+            try:
+                started_at = utcparse(started.decode()).timestamp()
+            except ValueError:
+                started_at = None
+        out.append((status.decode() if status else None, started_at))
+    return out
+
+
+def _is_alive(status: str | None, started_at: float | None, *, now: float, grace_s: float) -> bool:
+    """Will this job run (or is it running) without help? Started jobs get grace_s to show a heartbeat."""
+    if status in _WAITING:
+        return True
+    if status == JobStatus.STARTED.value:
+        return started_at is not None and now - started_at < grace_s
+    return False
+
+
+def _job_options(settings: Settings) -> dict:
+    return {"timeout": settings.job_timeout_s, "result_ttl": RESULT_TTL_S, "failure_ttl": FAILURE_TTL_S}
+
+
+def enqueue_job(r: redis.Redis, queue_name: str, func: str, payload: dict, job_id: str, *,
+                settings: Settings, description: str) -> Job:
+    """Enqueue func(payload) under job_id; an ended job (finished, failed...) of that id is replaced."""
+    queue = Queue(queue_name, connection=r)
+    [(status, _)] = _job_states(r, [job_id])
+    if status is not None:
+        if status in _WAITING or status == JobStatus.STARTED.value:
+            raise RuntimeError(f"job {job_id} is {status}; refusing to replace it")
+        Job.fetch(job_id, connection=r).delete(remove_from_queue=True)
+    return queue.enqueue_call(func, args=(payload,), job_id=job_id, description=description,
+                              **_job_options(settings))
+
+
+# --- training ---------------------------------------------------------------------------------------
+
+
+def train_due(state: ProjectState, project: Project) -> bool:
+    """query_size labels arrived since the current model's labels (any labels count with no model)."""
+    return state.counts()["labeled"] - state.model_labels() >= project.query_size
+
+
+def maybe_enqueue_train(r: redis.Redis, project: Project, *, settings: Settings | None = None,
+                        force: bool = False) -> str | None:
+    """Enqueue one train job when training is due and no other one is queued; its job id, or None.
+
+    Called by the API after labels are applied and by the trainer after a round. The project's
+    train slot (claimed here, released by the trainer once it holds the train lock) keeps at most
+    one train job per project waiting; concurrent callers race on the slot, not on the queue.
+    While a trainer holds the project's train lock nothing is queued: that trainer calls this
+    again after releasing the lock, so labels applied before this call are never left behind.
+    force (POST /projects/{p}/train) queues a job for any new label, e.g. a last partial batch.
+    """
+    settings = settings or get_settings()
+    state = ProjectState(r, project.name)
+    labeled = state.counts()["labeled"]
+    if labeled - state.model_labels() < (1 if force else project.query_size):
+        return None
+    if r.exists(keys.train_lock_key(project.name)):
+        return None
+    attempts_key = keys.train_attempts_key(project.name)
+    attempt = int(r.hget(attempts_key, labeled) or 0) + 1
+    if attempt > settings.max_job_attempts:
+        log.warning("%s: %d train jobs at %d labels ended without a model; waiting for more labels",
+                    project.name, attempt - 1, labeled)
+        return None
+    job_id = f"train-{project.name}-n{labeled}" + (f"-a{attempt}" if attempt > 1 else "")
+    [(status, _)] = _job_states(r, [job_id])
+    if status in _WAITING or status == JobStatus.STARTED.value:  # attempt counts were lost (Redis rebuilt)
+        job_id = f"{job_id}-{uuid.uuid4().hex[:8]}"
+    if not state.claim_train_slot(job_id, TRAIN_SLOT_TTL_S):
+        return None
+    try:
+        pipe = r.pipeline()
+        pipe.hincrby(attempts_key, labeled, 1)
+        pipe.expire(attempts_key, 24 * 3600)
+        pipe.execute()
+        payload = TrainJob(project=project.name, requested_at=time.time(), force=force).model_dump(mode="json")
+        enqueue_job(r, keys.QUEUE_TRAIN, TRAIN_FUNC, payload, job_id, settings=settings,
+                    description=f"train {project.name} on {labeled} labels")
+    except BaseException:
+        state.release_train_slot(job_id)
+        raise
+    log.info("%s: queued %s", project.name, job_id)
+    return job_id
+
+
+def _reconcile_training(r: redis.Redis, project: Project, *, settings: Settings, now: float) -> str | None:
+    state = ProjectState(r, project.name)
+    if not train_due(state, project):
+        return None
+    if r.exists(keys.train_lock_key(project.name)):
+        return None  # a live trainer; it re-checks for new labels when it is done
+    queued = state.queued_train_job()
+    if queued:
+        [(status, started_at)] = _job_states(r, [queued])
+        if _is_alive(status, started_at, now=now, grace_s=settings.heartbeat_ttl_s):
+            return None
+        log.warning("%s: train job %s is %s with no live trainer; replacing it",
+                    project.name, queued, status or "missing")
+        state.release_train_slot(queued)
+    return maybe_enqueue_train(r, project, settings=settings)
+
+
+# --- scoring ----------------------------------------------------------------------------------------
+
+
+def _plan_shards(state: ProjectState, project: Project, version: int, shard_size: int) -> list[list[str]]:
+    pool = state.pool_ids()  # sorted, so shards are reproducible
+    if project.pool_size:
+        rng = np.random.default_rng([project.seed, version])
+        pool = [str(s) for s in subsample_pool(np.asarray(pool, dtype=object), project.pool_size, rng)]
+    size = max(1, shard_size)
+    return [pool[i:i + size] for i in range(0, len(pool), size)]
+
+
+def _score_job_id(project: str, version: int, shard: int, attempt: int) -> str:
+    base = f"score-{project}-v{version}-s{shard}"
+    return base if attempt <= 1 else f"{base}-a{attempt}"
+
+
+def enqueue_scoring(r: redis.Redis, store: ObjectStore, project: Project, version: int, *,
+                    settings: Settings) -> int:
+    """Fan out score jobs of model `version` over the unlabeled pool; returns the number of shards.
+
+    The shards (the pool, or a seeded random `pool_size` subsample of it, cut into shard_size
+    pieces) are planned once per version and kept in Redis; calling this again for the same version
+    re-sends only shards that are neither done, queued nor running, with the same samples. An empty
+    pool gives 0 shards and the (empty) ranking of `version` goes live at once, so the live ranking
+    always belongs to the newest scored model. `store` is unused today (the pool lives in Redis)
+    and kept for backends that plan shards from object storage.
+    """
+    del store
+    state = ProjectState(r, project.name)
+    n_shards = state.n_shards(version)
+    if n_shards is None:
+        n_shards = _fan_out(r, state, project, version, settings=settings)
+        if n_shards is not None:
+            return n_shards
+        n_shards = state.n_shards(version) or 0
+    _revive_shards(r, project, version, n_shards, settings=settings, now=time.time())
+    return n_shards
+
+
+def _fan_out(r: redis.Redis, state: ProjectState, project: Project, version: int, *,
+             settings: Settings) -> int | None:
+    """Plan and enqueue every shard of `version`; None when another caller planned them meanwhile."""
+    lock = keys.fanout_lock_key(project.name, version)
+    token = worker_identity(uuid.uuid4().hex[:8])
+    deadline = time.monotonic() + FANOUT_LOCK_TTL_S
+    while not r.set(lock, token, nx=True, ex=FANOUT_LOCK_TTL_S):
+        if state.n_shards(version) is not None:
+            return None
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{project.name}: shards of v{version} still being planned elsewhere")
+        time.sleep(0.05)
+    try:
+        if state.n_shards(version) is not None:
+            return None
+        shards = _plan_shards(state, project, version, settings.shard_size)
+        plan_key, jobs_key = keys.shard_plan_key(project.name, version), keys.shard_jobs_key(project.name, version)
+        pipe = r.pipeline(transaction=False)
+        pipe.delete(plan_key, jobs_key)
+        for start in range(0, len(shards), _PLAN_CHUNK):
+            chunk = {str(i): json.dumps(shards[i]) for i in range(start, min(start + _PLAN_CHUNK, len(shards)))}
+            pipe.hset(plan_key, mapping=chunk)
+            pipe.hset(jobs_key, mapping={**{str(i): _score_job_id(project.name, version, i, 1) for i in chunk},
+                                         **{f"{i}:attempts": 1 for i in chunk}})
+        # The jobs are enqueued just after n_shards is set: until then a missing job is not lost.
+        pipe.hset(jobs_key, "planned_at", time.time())
+        pipe.execute()
+        # The plan is complete before n_shards exists: n_shards marks a ranking whose shards can be re-sent.
+        state.begin_ranking(version, len(shards))
+    finally:
+        r.eval(_DELETE_IF_EQUAL_LUA, 1, lock, token)
+    if not shards:
+        # Nothing to score: shard 0 of 0 completes the ranking at once.
+        state.shard_done(version, 0, 0)
+        log.info("%s: v%d has an empty pool; its empty ranking is live", project.name, version)
+        return 0
+    queue = Queue(keys.QUEUE_SCORE, connection=r)
+    options = _job_options(settings)
+    for start in range(0, len(shards), _PLAN_CHUNK):
+        batch = [
+            Queue.prepare_data(
+                SCORE_FUNC,
+                args=(ScoreJob(project=project.name, model_version=version, shard=i, n_shards=len(shards),
+                               sample_ids=shards[i]).model_dump(mode="json"),),
+                job_id=_score_job_id(project.name, version, i, 1),
+                description=f"score {project.name} v{version} shard {i + 1}/{len(shards)}",
+                **options)
+            for i in range(start, min(start + _PLAN_CHUNK, len(shards)))
+        ]
+        queue.enqueue_many(batch)
+    log.info("%s: v%d: %d score jobs for %d samples", project.name, version, len(shards),
+             sum(len(s) for s in shards))
+    return len(shards)
+
+
+def _revive_shards(r: redis.Redis, project: Project, version: int, n_shards: int, *, settings: Settings,
+                   now: float) -> dict[str, list[int]]:
+    """Re-enqueue shards of `version` that nobody is doing: not done, not queued, no live heartbeat."""
+    state = ProjectState(r, project.name)
+    done = state.shards_done(version)
+    missing = [i for i in range(n_shards) if i not in done]
+    report: dict[str, list[int]] = {"resubmitted": [], "gave_up": []}
+    if not missing:
+        return report
+    jobs_key = keys.shard_jobs_key(project.name, version)
+    pipe = r.pipeline(transaction=False)
+    for i in missing:
+        pipe.exists(keys.score_heartbeat_key(project.name, version, i))
+    alive = pipe.execute()
+    candidates = [i for i, beating in zip(missing, alive, strict=True) if not beating]
+    if not candidates:
+        return report
+    fields = r.hmget(jobs_key, ["planned_at"] + [str(i) for i in candidates] + [f"{i}:attempts" for i in candidates])
+    planned_at = float(fields[0]) if fields[0] else 0.0
+    job_ids = [v.decode() if v else None for v in fields[1:len(candidates) + 1]]
+    attempts = [int(v) if v else 0 for v in fields[len(candidates) + 1:]]
+    states = _job_states(r, job_ids)
+    for i, job_id, attempt, (status, started_at) in zip(candidates, job_ids, attempts, states, strict=True):
+        if _is_alive(status, started_at, now=now, grace_s=settings.heartbeat_ttl_s):
+            continue
+        if status is None and now - planned_at < settings.heartbeat_ttl_s:
+            continue  # the fan-out is enqueueing it right now
+        if i in state.shards_done(version):  # finished while we looked
+            continue
+        if attempt >= settings.max_job_attempts:
+            report["gave_up"].append(i)
+            if r.hsetnx(jobs_key, f"{i}:gave_up", 1):  # log once, not on every pass
+                log.error("%s: v%d shard %d: %d attempts failed or died; not retrying (job %s)",
+                          project.name, version, i, attempt, job_id)
+            continue
+        raw = r.hget(keys.shard_plan_key(project.name, version), str(i))
+        if raw is None:
+            log.error("%s: v%d shard %d has no plan; it cannot be re-sent", project.name, version, i)
+            report["gave_up"].append(i)
+            continue
+        attempt = int(r.hincrby(jobs_key, f"{i}:attempts", 1))
+        new_id = _score_job_id(project.name, version, i, attempt)
+        r.hset(jobs_key, str(i), new_id)
+        payload = ScoreJob(project=project.name, model_version=version, shard=i, n_shards=n_shards,
+                           sample_ids=json.loads(raw)).model_dump(mode="json")
+        enqueue_job(r, keys.QUEUE_SCORE, SCORE_FUNC, payload, new_id, settings=settings,
+                    description=f"score {project.name} v{version} shard {i + 1}/{n_shards} (attempt {attempt})")
+        log.warning("%s: v%d shard %d: job %s was %s with no heartbeat; re-sent as %s",
+                    project.name, version, i, job_id, status or "missing", new_id)
+        report["resubmitted"].append(i)
+    return report
+
+
+def finish_ranking(r: redis.Redis, project: str, version: int) -> None:
+    """Drop the shard plan of a ranking that went live (every shard is done)."""
+    r.delete(keys.shard_plan_key(project, version), keys.shard_jobs_key(project, version))
+
+
+# --- the reconciler -----------------------------------------------------------------------------------
+
+
+def reconcile(r: redis.Redis, store: ObjectStore, settings: Settings) -> dict:
+    """One pass over every project: re-enqueue due training and lost score shards. Safe to run anywhere.
+
+    Returns {"train": {project: job_id}, "fanned_out": {project: version},
+    "resubmitted": {project: [shard, ...]}, "gave_up": {project: [shard, ...]}, "errors": {project: why}},
+    listing only projects where something happened.
+    """
+    report: dict[str, dict] = {"train": {}, "fanned_out": {}, "resubmitted": {}, "gave_up": {}, "errors": {}}
+    now = time.time()
+    for name in project_names(r):
+        try:
+            project = load_project(store, name)
+        except NotFound:
+            continue  # registered in Redis but being created or deleted
+        try:
+            job_id = _reconcile_training(r, project, settings=settings, now=now)
+            if job_id:
+                report["train"][name] = job_id
+            state = ProjectState(r, name)
+            version = state.model_version()
+            if version <= 0:
+                continue
+            n_shards = state.n_shards(version)
+            if n_shards is None:
+                # The trainer died between moving the pointer and fanning out, or Redis was rebuilt.
+                enqueue_scoring(r, store, project, version, settings=settings)
+                report["fanned_out"][name] = version
+                continue
+            revived = _revive_shards(r, project, version, n_shards, settings=settings, now=now)
+            if revived["resubmitted"]:
+                report["resubmitted"][name] = revived["resubmitted"]
+            if revived["gave_up"]:
+                report["gave_up"][name] = revived["gave_up"]
+        except Exception as e:  # one broken project must not stop the others
+            log.exception("reconcile %s failed", name)
+            report["errors"][name] = f"{type(e).__name__}: {e}"
+    return report
+
+
+# --- workers ------------------------------------------------------------------------------------------
+
+
+def run_worker(kind: str, queue_name: str, r: redis.Redis, *, burst: bool = False, name: str | None = None) -> None:
+    """Run an rq SimpleWorker on one queue until stopped (SIGTERM/SIGINT: finish the job, then exit).
+
+    SimpleWorker runs jobs in this process, without fork: the loaded model and the tensor cache
+    stay from one job to the next, and CUDA is never initialized in a parent that later forks.
+    """
+    from rq import SimpleWorker
+
+    worker = SimpleWorker([Queue(queue_name, connection=r)], connection=r,
+                          name=name or f"{kind}-{socket.gethostname()}-{os.getpid()}")
+    log.info("%s worker %s on queue %r", kind, worker.name, queue_name)
+    worker.work(burst=burst, logging_level="INFO", with_scheduler=False)

@@ -1,0 +1,108 @@
+"""The scorer's core: score one shard of the pool with model vN and add it to ranking vN.
+
+Collaborators (Redis, object store, model and tensor caches) come in as keyword arguments; the rq
+job function in services/scorer/jobs.py builds them once per process.
+
+Idempotent under at-least-once delivery: a shard already marked done is skipped; running a shard
+again re-adds the same members with the same scores (inference is deterministic, the random
+strategy is seeded by (project seed, version, shard)) and marks the same shard again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+
+import numpy as np
+import redis
+import torch
+
+from . import keys
+from .checkpoints import LoadedModel, model_from_checkpoint, read_checkpoint
+from .pipeline import finish_ranking, load_project, score_heartbeat
+from .schemas import ScoreJob
+from .state import ProjectState
+from .storage import ObjectStore
+from .strategies import Strategy, get_strategy
+from .tensor_cache import TensorCache
+from .training import predict_proba
+
+log = logging.getLogger(__name__)
+
+
+class ModelCache:
+    """Models loaded in this process, keyed by (project, version); only the last few used are kept."""
+
+    def __init__(self, *, device: torch.device, max_entries: int = 3):
+        self.device = device
+        self.max_entries = max(1, max_entries)
+        self._models: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def get(self, store: ObjectStore, project: str, version: int) -> LoadedModel:
+        key = (project, version)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            checkpoint = read_checkpoint(store, keys.checkpoint_key(project, version))
+            loaded = model_from_checkpoint(checkpoint, project=project, device=self.device)
+            self.loads += 1
+            self._models[key] = loaded
+            # Least recently used goes first: a scorer moves on to newer versions and rarely back.
+            while len(self._models) > self.max_entries:
+                self._models.popitem(last=False)
+            return loaded
+
+
+def strategy_scores(strategy: Strategy, probs: np.ndarray, *, seed: int, version: int, shard: int) -> np.ndarray:
+    """The strategy's scores of a shard, with an rng fixed by (seed, version, shard) so reruns agree."""
+    return np.asarray(strategy.score(probs, rng=np.random.default_rng([seed, version, shard])), dtype=np.float64)
+
+
+def score_shard(job: ScoreJob, *, r: redis.Redis, store: ObjectStore, models: ModelCache, tensors: TensorCache,
+                batch_size: int, heartbeat_ttl_s: float, job_id: str | None = None,
+                delay_s: float = 0.0) -> dict:
+    """Score job.sample_ids with model job.model_version, add them to its ranking, mark the shard done.
+
+    delay_s (tests only) sleeps after the heartbeat is up and before anything is written, so a
+    test can kill the worker mid-job.
+    """
+    state = ProjectState(r, job.project)
+    version, shard = job.model_version, job.shard
+    if shard in state.shards_done(version):
+        return {"project": job.project, "version": version, "shard": shard, "skipped": "already done"}
+    live = state.live_version()
+    if live is not None and live > version:
+        # A newer ranking is live and this one's keys were dropped: scoring it would only leave garbage.
+        return {"project": job.project, "version": version, "shard": shard, "skipped": f"v{live} is live"}
+    started = time.perf_counter()
+    heartbeat = score_heartbeat(r, job.project, version, shard, ttl_s=heartbeat_ttl_s, job_id=job_id)
+    with heartbeat:
+        if delay_s > 0:
+            log.info("%s v%d shard %d: test delay %.1fs", job.project, version, shard, delay_s)
+            time.sleep(delay_s)
+        project = load_project(store, job.project)
+        strategy = get_strategy(project.strategy)
+        ids = list(job.sample_ids)
+        if strategy.needs_model:
+            loaded = models.get(store, job.project, version)
+            images = tensors.get_many(store, ids, size=loaded.spec.input_size, channels=loaded.in_channels)
+            probs = predict_proba(loaded.model, images, spec=loaded.spec, device=models.device,
+                                  batch_size=batch_size)
+        else:
+            probs = np.zeros((len(ids), len(project.classes)), dtype=np.float32)
+        scores = strategy_scores(strategy, probs, seed=project.seed, version=version, shard=shard) if ids else []
+        state.add_scores(version, {sid: float(s) for sid, s in zip(ids, scores, strict=True)})
+        made_live = state.shard_done(version, shard, job.n_shards)
+    if made_live:
+        finish_ranking(r, job.project, version)
+        log.info("%s: ranking v%d is live", job.project, version)
+    seconds = time.perf_counter() - started
+    log.info("%s v%d shard %d/%d: %d samples in %.2fs", job.project, version, shard + 1, job.n_shards,
+             len(ids), seconds)
+    return {"project": job.project, "version": version, "shard": shard, "scored": len(ids),
+            "made_live": made_live, "seconds": round(seconds, 3)}

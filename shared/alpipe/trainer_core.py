@@ -1,0 +1,174 @@
+"""The trainer's core: retrain a project on all its labels and publish model version N+1.
+
+Collaborators come in as keyword arguments; services/trainer/jobs.py builds them once per process.
+
+Order of a round, which is what makes a crash anywhere harmless:
+1. take the project's train lock (its TTL is this trainer's heartbeat), then free the train slot so
+   labels arriving from now on can queue the next round;
+2. snapshot labels; no-op when fewer than query_size arrived since the current model;
+3. train (warm-started from the current checkpoint unless the project says otherwise), evaluate;
+4. write checkpoint vN with put_if_absent at N = 1 + the highest version seen anywhere, so no
+   version is ever overwritten and versions only grow; then its metrics;
+5. only then move the pointer (object store, then Redis), never backwards;
+6. fan out the scoring of vN, release the lock, and queue the next round if labels came meanwhile.
+A trainer killed before 5 leaves the pointer where it was (at most an unreferenced, complete
+checkpoint); the reconciler notices the lapsed lock and queues the round again. Killed between 5
+and 6, the reconciler fans out the scoring of the current model itself.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import redis
+import torch
+from PIL import Image
+
+from . import keys
+from .checkpoints import checkpoint_bytes, read_checkpoint, read_pointer, stored_versions
+from .config import Settings
+from .data import GRAYSCALE_MODES
+from .models import build_model, get_model_spec, model_in_channels
+from .pipeline import enqueue_scoring, load_project, maybe_enqueue_train, train_lock
+from .schemas import CurvePointOut, Project
+from .state import ProjectState
+from .storage import ObjectStore
+from .tensor_cache import TensorCache
+from .training import TrainConfig, evaluate, fit, make_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def train_config(project: Project, *, has_test: bool) -> TrainConfig:
+    """The project's TrainOptions as a TrainConfig; 'test' holdout falls back to labels without a test split."""
+    config = TrainConfig(**project.training.model_dump())
+    if config.holdout == "test" and not has_test:
+        log.warning("%s: holdout 'test' but the test split has no labels; using a split of the labels",
+                    project.name)
+        config = replace(config, holdout="labeled")
+    return config
+
+
+def dataset_channels(store: ObjectStore, ids: list[str]) -> int:
+    """1 when every image is grayscale, else 3 (read from the image headers)."""
+    for sample_id in ids:
+        with Image.open(io.BytesIO(store.get_bytes(keys.image_key(sample_id)))) as img:
+            if img.mode not in GRAYSCALE_MODES:
+                return 3
+    return 1
+
+
+def _split(labels: dict[str, str], classes: list[str], *, project: str, what: str) -> tuple[list[str], torch.Tensor]:
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({label for label in labels.values() if label not in index})
+    if unknown:
+        log.warning("%s: ignoring %s labels of unknown classes %s", project, what, unknown)
+    ids = sorted(sid for sid, label in labels.items() if label in index)
+    return ids, torch.tensor([index[labels[sid]] for sid in ids], dtype=torch.int64)
+
+
+def train_project(name: str, *, r: redis.Redis, store: ObjectStore, tensors: TensorCache, device: torch.device,
+                  settings: Settings, job_id: str | None = None, force: bool = False,
+                  on_epoch: Callable[[int, float, float | None], None] | None = None) -> dict:
+    """One training round of project `name` (see the module docstring); returns what it did.
+
+    job_id is the rq job being run: the train slot is freed only while that job still holds it.
+    on_epoch is called after every epoch (logging; tests use it to slow training down).
+    """
+    project = load_project(store, name)
+    state = ProjectState(r, name)
+    lock = train_lock(r, name, ttl_s=settings.heartbeat_ttl_s, job_id=job_id)
+    lock.acquire(wait=True)
+    try:
+        if job_id is not None:
+            state.release_train_slot(job_id)
+        result = _train_locked(project, state=state, store=store, tensors=tensors, device=device,
+                               settings=settings, force=force, on_epoch=on_epoch)
+        if result["trained"]:
+            result["shards"] = enqueue_scoring(r, store, project, result["version"], settings=settings)
+    finally:
+        lock.release()
+    if result["trained"]:
+        # Labels that arrived while this round trained.
+        result["next_job"] = maybe_enqueue_train(r, project, settings=settings)
+    return result
+
+
+def _train_locked(project: Project, *, state: ProjectState, store: ObjectStore, tensors: TensorCache,
+                  device: torch.device, settings: Settings, force: bool,
+                  on_epoch: Callable[[int, float, float | None], None] | None) -> dict:
+    name = project.name
+    labels = state.labels()
+    base = state.model_labels()
+    pointer = read_pointer(store, name)
+    has_model = pointer is not None or state.model_version() > 0
+    if not labels or (has_model and len(labels) - base < (1 if force else project.query_size)):
+        log.info("%s: %d labels, %d at the current model: nothing to train", name, len(labels), base)
+        return {"project": name, "trained": False, "labeled": len(labels), "model_labels": base}
+
+    spec = get_model_spec(project.model)
+    train_ids, train_y = _split(labels, project.classes, project=name, what="pool")
+    test_ids, test_y = _split(state.test_labels(), project.classes, project=name, what="test")
+    if not train_ids:
+        raise ValueError(f"{name}: none of the {len(labels)} labels is one of the classes {project.classes}")
+    previous = read_checkpoint(store, pointer["key"]) if pointer else None
+    if previous is not None:
+        in_channels = int(previous["in_channels"])
+    else:
+        in_channels = model_in_channels(spec, 3 if spec.rgb else dataset_channels(store, train_ids + test_ids))
+    config = train_config(project, has_test=bool(test_ids))
+
+    started = time.perf_counter()
+    train_x = tensors.get_many(store, train_ids, size=spec.input_size, channels=in_channels)
+    test_x = tensors.get_many(store, test_ids, size=spec.input_size, channels=in_channels)
+    warm = (config.warm_start and previous is not None and previous["model_name"] == project.model
+            and previous["classes"] == project.classes)
+    torch.manual_seed(project.seed)
+    model = build_model(project.model, len(project.classes), in_channels=in_channels,
+                        pretrained=project.pretrained and not warm).to(device)
+    if warm:
+        model.load_state_dict(previous["model"])
+    versions = stored_versions(store, name)
+    # Versions seen anywhere (pointer, Redis, checkpoint objects): the next one is above all of them.
+    floor = max([pointer["version"] if pointer else 0, state.model_version(), *versions, 0])
+    log.info("%s: training v%d+ on %d labels (%d test, %s, %s)", name, floor + 1, len(train_ids), len(test_ids),
+             f"warm from v{pointer['version']}" if warm else "fresh", config.stop)
+
+    def epoch_done(epoch: int, loss: float, acc: float | None) -> None:
+        log.info("%s: epoch %d loss %.4f%s", name, epoch, loss, "" if acc is None else f" holdout acc {acc:.4f}")
+        if on_epoch is not None:
+            on_epoch(epoch, loss, acc)
+        if settings.test_train_epoch_delay_s > 0:
+            time.sleep(settings.test_train_epoch_delay_s)
+
+    fitted = fit(model, train_x, train_y, spec=spec, config=config, device=device,
+                 seed=project.seed * 100_003 + floor + 1, holdout=(test_x, test_y) if test_ids else None,
+                 on_epoch=epoch_done)
+    accuracy = evaluate(model, test_x, test_y, spec=spec, device=device) if test_ids else None
+    train_s = time.perf_counter() - started
+
+    version = floor + 1
+    while True:
+        checkpoint = make_checkpoint(model, model_name=project.model, model_version=version, classes=project.classes,
+                                     in_channels=in_channels,
+                                     config={"train": config.as_dict(), "n_labeled": len(labels),
+                                             "project": name, "seed": project.seed})
+        if store.put_if_absent(keys.checkpoint_key(name, version), checkpoint_bytes(checkpoint)):
+            break
+        version += 1  # another trainer took this version: never overwrite a checkpoint
+    point = CurvePointOut(model_version=version, n_labeled=len(labels), test_accuracy=accuracy,
+                          train_s=round(train_s, 3), created_at=time.time())
+    store.put_json(keys.model_metrics_key(name, version), point.model_dump(mode="json"))
+    current = read_pointer(store, name)
+    if current is None or current["version"] < version:
+        store.put_json(keys.current_model_key(name),
+                       {"version": version, "n_labeled": len(labels), "key": keys.checkpoint_key(name, version)})
+    state.set_model(version, len(labels), point.model_dump_json())
+    log.info("%s: v%d on %d labels: test accuracy %s, %d epochs in %.1fs", name, version, len(labels),
+             "n/a" if accuracy is None else f"{accuracy:.4f}", fitted.epochs, train_s)
+    return {"project": name, "trained": True, "version": version, "n_labeled": len(labels),
+            "test_accuracy": accuracy, "epochs": fitted.epochs, "train_s": round(train_s, 3)}
