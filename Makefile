@@ -6,18 +6,27 @@ STAMP := $(VENV)/.installed
 # Reinstall when the dependency list changes.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: setup demo test test-fast bench lint up clean
+.PHONY: setup demo demo-local test test-fast bench lint up clean
 
 setup: $(STAMP)
 
+# The experiment through the live services: a local redis-server, the API, one trainer and two
+# scorers start, the simulated oracle labels over HTTP, and everything stops at the end.
 DEMO_OUT ?= runs/demo
 demo: setup
-	$(BIN)/alpipe simulate --dataset mnist5k --strategies margin,least_confidence,random \
+	$(BIN)/alpipe simulate --stack --scorers 2 --dataset mnist5k --strategies margin,least_confidence,random \
 		--seeds 3 --initial 20 --query-size 10 --budget 300 --model small_cnn --out $(DEMO_OUT)
+
+# The same experiment in one process, no services.
+demo-local: setup
+	$(BIN)/alpipe simulate --dataset mnist5k --strategies margin,least_confidence,random \
+		--seeds 3 --initial 20 --query-size 10 --budget 300 --model small_cnn --out runs/demo-local
+
+up: setup
+	$(BIN)/alpipe up --scorers 2
 
 test: setup lint
 	$(BIN)/python -m pytest -q
@@ -27,6 +36,7 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m bench.label_efficiency
+	$(BIN)/python -m bench.services
 
 lint: setup
 	$(BIN)/ruff check shared services tests bench
