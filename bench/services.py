@@ -124,6 +124,18 @@ def score_jobs(r: redis.Redis, project: str, version: int, n_shards: int) -> lis
     return out
 
 
+def ended_score_jobs(r: redis.Redis, project: str, version: int, n_shards: int,
+                     timeout_s: float = 10.0) -> list[JobTimes | None]:
+    """score_jobs once rq has recorded every end: the ranking goes live inside the last job, a moment
+    before rq writes that job's ended_at."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        jobs = score_jobs(r, project, version, n_shards)
+        if all(j is not None and j.ended is not None for j in jobs) or time.monotonic() > deadline:
+            return jobs
+        time.sleep(0.01)
+
+
 def span(jobs: list[JobTimes | None]) -> tuple[float | None, float | None]:
     """(first start, last end) of a set of jobs, None when one is missing."""
     if not jobs or any(j is None or j.duration is None for j in jobs):
@@ -254,28 +266,42 @@ class ThroughputResult:
     shards: int
     cold_s: float
     job_s: list[float] = field(default_factory=list)
+    enqueue_s: list[float] = field(default_factory=list)
     inside_jobs_s: list[float] = field(default_factory=list)
     bare_s: list[float] = field(default_factory=list)
+    timed_misses: int = 0
     profile: str = ""
 
 
-def run_in_process_pass(fx: Fixture, settings: Settings) -> tuple[float, float, int]:
-    """Enqueue the scoring of a new version, run a burst SimpleWorker here until the queue is empty.
+@dataclass
+class PassTimes:
+    live_s: float  # enqueue_scoring called -> last score job ended (the ranking went live inside it)
+    enqueue_s: float  # enqueue_scoring alone (plan the shards, enqueue their jobs)
+    inside_s: float  # sum of the score jobs' own durations (rq started_at..ended_at)
+    shards: int
 
-    Returns (enqueue -> ranking live, sum of the jobs' own durations, shards)."""
+
+def run_in_process_pass(fx: Fixture, settings: Settings) -> PassTimes:
+    """Enqueue the scoring of a new version and run a burst SimpleWorker here until the queue is empty.
+
+    The end point is the last score job's end (rq's ended_at): the burst worker's teardown afterwards
+    (rq joins its pub/sub thread, up to ~1s) is not part of the job path of a long-lived worker."""
     version = publish_version(fx)
-    started = time.perf_counter()
+    started = time.time()
     n_shards = pipeline.enqueue_scoring(fx.r, fx.store, fx.project, version, settings=settings)
+    enqueued = time.time()
     worker = SimpleWorker([Queue(keys.QUEUE_SCORE, connection=fx.r)], connection=fx.r,
                           name=f"bench-inproc-{os.getpid()}-v{version}")
     worker.work(burst=True, logging_level="WARNING", with_scheduler=False)
-    elapsed = time.perf_counter() - started
     if fx.state.live_version() != version:
         raise RuntimeError(f"v{version} is not live after the burst (live: {fx.state.live_version()}); "
                            "a score job failed? see rq's failed job registry")
-    jobs = score_jobs(fx.r, fx.project.name, version, n_shards)
+    jobs = ended_score_jobs(fx.r, fx.project.name, version, n_shards)
+    _, last = span(jobs)
+    if last is None:
+        raise RuntimeError(f"v{version}: rq has no start/end times of every score job")
     inside = sum(j.duration for j in jobs if j is not None and j.duration is not None)
-    return elapsed, inside, n_shards
+    return PassTimes(last - started, enqueued - started, inside, n_shards)
 
 
 def bare_forward(model: torch.nn.Module, images: torch.Tensor, *, batch_size: int) -> float:
@@ -321,23 +347,24 @@ def part_throughput(fx: Fixture, args: argparse.Namespace) -> ThroughputResult:
     torch.set_num_threads(args.threads)
     ctx = scorer_jobs.configure(settings, redis_client=fx.r, store=fx.store)
     # Warm-up: v1 loads its model and decodes the whole pool into the tensor cache (the cold pass).
-    cold_s, _, n_shards = run_in_process_pass(fx, settings)
-    log.info("part 1: cold pass %.2fs (%d shards, tensor cache %d images)", cold_s, n_shards, len(ctx.tensors))
+    cold = run_in_process_pass(fx, settings)
+    log.info("part 1: cold pass %.2fs (%d shards, tensor cache %d images)", cold.live_s, cold.shards,
+             len(ctx.tensors))
     spec = get_model_spec(MODEL)
     images = ctx.tensors.get_many(fx.store, fx.pool_ids, size=spec.input_size, channels=fx.in_channels)
     model = ctx.models.get(fx.store, fx.project.name, fx.next_version - 1).model  # the scorer's own model object
-    result = ThroughputResult(images=len(fx.pool_ids), shards=n_shards, cold_s=cold_s)
+    result = ThroughputResult(images=len(fx.pool_ids), shards=cold.shards, cold_s=cold.live_s)
     bare_forward(model, images[: args.batch_size * 2], batch_size=args.batch_size)  # first-call allocations
     misses_before = ctx.tensors.misses
     for i in range(args.repeats):  # interleaved, so drift in machine load hits both sides alike
         result.bare_s.append(bare_forward(model, images, batch_size=args.batch_size))
-        elapsed, inside, _ = run_in_process_pass(fx, settings)
-        result.job_s.append(elapsed)
-        result.inside_jobs_s.append(inside)
-        log.info("part 1: repeat %d: bare %.2fs, job path %.2fs (inside jobs %.2fs)", i + 1, result.bare_s[-1],
-                 elapsed, inside)
-    if ctx.tensors.misses != misses_before:
-        log.warning("part 1: %d tensor-cache misses during the timed passes", ctx.tensors.misses - misses_before)
+        times = run_in_process_pass(fx, settings)
+        result.job_s.append(times.live_s)
+        result.enqueue_s.append(times.enqueue_s)
+        result.inside_jobs_s.append(times.inside_s)
+        log.info("part 1: repeat %d: bare %.2fs, job path %.2fs (enqueue %.3fs, inside jobs %.2fs)", i + 1,
+                 result.bare_s[-1], times.live_s, times.enqueue_s, times.inside_s)
+    result.timed_misses = ctx.tensors.misses - misses_before
     ratio = (len(images) / median(result.job_s)) / (len(images) / median(result.bare_s))
     if args.profile or ratio < args.profile_below:
         profiler = cProfile.Profile()
@@ -351,20 +378,27 @@ def part_throughput(fx: Fixture, args: argparse.Namespace) -> ThroughputResult:
 def print_throughput(res: ThroughputResult, args: argparse.Namespace) -> None:
     n = res.images
     job, bare, inside = median(res.job_s), median(res.bare_s), median(res.inside_jobs_s)
+    enqueue = median(res.enqueue_s)
+    dispatch = median([j - e - i for j, e, i in zip(res.job_s, res.enqueue_s, res.inside_jobs_s, strict=True)])
     print(f"\n[1] scorer throughput on {n} pool images ({MODEL}, batch {args.batch_size}, {args.threads} torch "
           f"thread(s), {res.shards} shard(s) of <= {args.shard_size}), median of {len(res.job_s)}")
     print(f"    {'path':<58}{'seconds':>9}{'images/s':>11}")
     print(f"    {'bare torch loop (normalize+forward+softmax, inference_mode)':<58}{fmt(bare)}"
           f"{fmt(n / bare, '.0f', 11)}")
-    print(f"    {'job path: enqueue -> SimpleWorker burst -> ranking live':<58}{fmt(job)}{fmt(n / job, '.0f', 11)}")
-    print(f"    {'  of which inside the score jobs (rq started..ended)':<58}{fmt(inside)}"
+    print(f"    {'job path: enqueue -> SimpleWorker -> ranking live':<58}{fmt(job)}{fmt(n / job, '.0f', 11)}")
+    print(f"    {'  enqueue_scoring (plan shards, enqueue their jobs)':<58}{fmt(enqueue)}")
+    print(f"    {'  rq: worker start, dequeue, between jobs':<58}{fmt(dispatch)}")
+    print(f"    {'  inside the score jobs (rq started_at..ended_at)':<58}{fmt(inside)}"
           f"{fmt(n / inside, '.0f', 11)}")
     print(f"    {'cold first pass (model load + decode the pool, same path)':<58}{fmt(res.cold_s)}"
           f"{fmt(n / res.cold_s, '.0f', 11)}")
     print(f"    ratio job path / bare = {bare / job:.2f}  (target >= 0.9); warm: every timed pass scores a new "
-          "version (its checkpoint load is inside the timing) over images already in the tensor cache")
+          f"version (its checkpoint load is inside the timing)\n    over images already in the tensor cache "
+          f"({res.timed_misses} misses in the timed passes); bare and job passes alternate; the job path ends at the "
+          "last score job's rq ended_at")
     if res.profile:
-        print("    profile of one more warm job-path pass (cProfile, own time):")
+        print("    profile of one more warm job-path pass (cProfile, own time; it also covers the burst worker's "
+              "teardown, e.g. rq joining its pub/sub thread in unsubscribe, which comes after the ranking is live):")
         print(res.profile)
 
 
@@ -380,11 +414,12 @@ def worker_env(fx: Fixture, args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def spawn_scorers(fx: Fixture, args: argparse.Namespace, n: int, *, burst: bool, tag: str) -> list[subprocess.Popen]:
+def spawn_scorers(fx: Fixture, args: argparse.Namespace, n: int, *, burst: bool, tag: str,
+                  first: int = 0) -> list[subprocess.Popen]:
     procs = []
     log_dir = fx.data_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
+    for i in range(first, first + n):
         name = f"bench-{tag}-{i + 1}-{os.getpid()}"
         cmd = [sys.executable, "-m", "alpipe.cli", "worker", "scorer", "--name", name] + (["--burst"] if burst else [])
         with open(log_dir / f"{name}.log", "ab") as out:
@@ -427,7 +462,7 @@ def cold_run(fx: Fixture, args: argparse.Namespace, n_workers: int) -> ScaleRun:
     finally:
         for p in procs:
             stop_process(p)
-    jobs = score_jobs(fx.r, fx.project.name, version, n_shards)
+    jobs = ended_score_jobs(fx.r, fx.project.name, version, n_shards)
     first, last = span(jobs)
     per_worker: dict[str, int] = {}
     for j in jobs:
@@ -437,43 +472,70 @@ def cold_run(fx: Fixture, args: argparse.Namespace, n_workers: int) -> ScaleRun:
                     None if first is None else last - first, per_worker)
 
 
-def warm_runs(fx: Fixture, args: argparse.Namespace, n_workers: int) -> ScaleRun:
-    """Long-lived workers: warm-up passes until every worker has scored every shard once (so each has
-    the whole pool decoded), then timed passes of new versions (checkpoint load inside, decoding not)."""
-    settings = scoring_settings(fx, args)
-    procs = spawn_scorers(fx, args, n_workers, burst=False, tag=f"warm{n_workers}")
-    seen: dict[str, set[int]] = {}
-    note = ""
+def hold_worker(redis_url: str, key: str, timeout_s: float) -> str:
+    """rq job run by a scorer in part 2: keeps that worker busy until `key` gets an item."""
+    client = redis.Redis.from_url(redis_url)  # redis-py 8 reads with a 5 s socket timeout: block in short steps
+    deadline = time.monotonic() + timeout_s
     try:
-        check = _check_procs(procs, burst=False)
+        while time.monotonic() < deadline:
+            if client.blpop([key], timeout=1):
+                return "released"
+    finally:
+        client.close()
+    return "timed out"
 
-        def one_pass() -> tuple[float, list[JobTimes | None], int]:
-            version = publish_version(fx)
-            t0 = time.time()
-            n_shards = pipeline.enqueue_scoring(fx.r, fx.store, fx.project, version, settings=settings)
-            t1 = wait_until(lambda: fx.state.live_version() == version, timeout_s=300,
-                            what=f"ranking v{version}", alive=check)
-            return t1 - t0, score_jobs(fx.r, fx.project.name, version, n_shards), n_shards
 
-        for warm_pass in range(1, args.max_warm_passes + 1):
-            _, jobs, n_shards = one_pass()
-            for shard, j in enumerate(jobs):
-                if j is not None and j.worker:
-                    seen.setdefault(j.worker, set()).add(shard)
-            if len(seen) == n_workers and all(len(s) == n_shards for s in seen.values()):
-                log.info("part 2: %d warm worker(s) cover every shard after %d warm-up pass(es)", n_workers,
-                         warm_pass)
-                break
-        else:
-            note = (f"partly warm: after {args.max_warm_passes} warm-up passes not every worker had decoded every "
-                    "shard, so some timed passes include decoding")
-        totals, spans = [], []
+def _all_status(jobs: list[Job], status: str) -> bool:
+    return all(job.get_status(refresh=True) == status for job in jobs)
+
+
+def warm_runs(fx: Fixture, args: argparse.Namespace, n_workers: int) -> ScaleRun:
+    """Long-lived workers, each with the whole pool decoded, then timed passes of new versions
+    (checkpoint load inside the timing, decoding not).
+
+    rq hands shards to whichever worker asks first, so warm-up passes alone leave a worker's cache
+    partial at random. Each worker is therefore warmed alone: the ones already warm are parked on a
+    hold_worker job while the new one scores a whole warm-up pass, then released."""
+    settings = scoring_settings(fx, args)
+    procs: list[subprocess.Popen] = []
+    queue = Queue(keys.QUEUE_SCORE, connection=fx.r)
+    note = ""
+
+    def check() -> None:
+        _check_procs(procs, burst=False)()
+
+    def one_pass() -> tuple[float, float, list[JobTimes | None]]:
+        version = publish_version(fx)
+        t0 = time.time()
+        n_shards = pipeline.enqueue_scoring(fx.r, fx.store, fx.project, version, settings=settings)
+        t1 = wait_until(lambda: fx.state.live_version() == version, timeout_s=300, what=f"ranking v{version}",
+                        alive=check)
+        return t0, t1 - t0, ended_score_jobs(fx.r, fx.project.name, version, n_shards)
+
+    try:
+        for k in range(n_workers):
+            release = f"bench:release:{uuid.uuid4().hex[:8]}"
+            holds = [queue.enqueue("bench.services.hold_worker", fx.redis_url, release, 300, job_timeout=360,
+                                   result_ttl=60) for _ in range(k)]
+            wait_until(lambda holds=holds: _all_status(holds, "started"), timeout_s=60,
+                       poll_s=0.02, what="the warm workers to take their hold jobs", alive=check)
+            procs += spawn_scorers(fx, args, 1, burst=False, tag=f"warm{n_workers}", first=k)
+            _, _, jobs = one_pass()  # only the new worker is free: it decodes every shard
+            workers = {j.worker for j in jobs if j is not None}
+            if len(workers) != 1:
+                note = f"warm-up of worker {k + 1} was shared by {sorted(workers)}: its cache may be partial"
+            if holds:
+                fx.r.lpush(release, *(["go"] * len(holds)))
+            wait_until(lambda holds=holds: _all_status(holds, "finished"), timeout_s=60,
+                       poll_s=0.02, what="the hold jobs to end", alive=check)
+        totals, firsts, spans = [], [], []
         per_worker: dict[str, int] = {}
         for _ in range(args.repeats):
-            total, jobs, _ = one_pass()
+            t0, total, jobs = one_pass()
             totals.append(total)
             first, last = span(jobs)
             if first is not None:
+                firsts.append(first - t0)
                 spans.append(last - first)
             for j in jobs:
                 if j is not None:
@@ -481,11 +543,56 @@ def warm_runs(fx: Fixture, args: argparse.Namespace, n_workers: int) -> ScaleRun
     finally:
         for p in procs:
             stop_process(p, timeout=15)
-    return ScaleRun(n_workers, median(totals), None, median(spans) if spans else None, per_worker, note)
+    return ScaleRun(n_workers, median(totals), median(firsts) if firsts else None, median(spans) if spans else None,
+                    per_worker, note)
+
+
+def _bare_child(n_images: int, batch_size: int, repeats: int, barrier, results) -> None:
+    """One process of the ceiling: a 1-thread bare forward loop over its share, started on a barrier."""
+    torch.set_num_threads(1)
+    spec = get_model_spec(MODEL)
+    torch.manual_seed(0)
+    model = build_model(MODEL, 10, in_channels=1, pretrained=False).eval()
+    images = torch.randint(0, 256, (n_images, 1, spec.input_size, spec.input_size), dtype=torch.uint8)
+    bare_forward(model, images[: batch_size * 2], batch_size=batch_size)
+    for _ in range(repeats):
+        barrier.wait()
+        results.put(bare_forward(model, images, batch_size=batch_size))
+
+
+def bare_processes(n_procs: int, n_images: int, args: argparse.Namespace) -> ScaleRun:
+    """The machine's ceiling for part 2: n processes (1 torch thread each) running the bare loop over
+    n_images / n each at the same moment; wall time from the common start to the last one done."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(n_procs + 1), ctx.Queue()
+    procs = [ctx.Process(target=_bare_child, args=(n_images // n_procs, args.batch_size, args.repeats, barrier,
+                                                   results), daemon=True) for _ in range(n_procs)]
+    for p in procs:
+        p.start()
+    walls = []
+    try:
+        for _ in range(args.repeats):
+            barrier.wait(timeout=120)
+            t0 = time.perf_counter()
+            for _ in procs:
+                results.get(timeout=300)
+            walls.append(time.perf_counter() - t0)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+    return ScaleRun(n_procs, median(walls), None, None, {})
 
 
 def part_scaling(fx: Fixture, args: argparse.Namespace) -> dict[str, list[ScaleRun]]:
-    out: dict[str, list[ScaleRun]] = {"cold": [], "warm": []}
+    out: dict[str, list[ScaleRun]] = {"bare": [], "cold": [], "warm": []}
+    for n in (1, 2):
+        run = bare_processes(n, len(fx.pool_ids), args)
+        log.info("part 2: bare loop in %d process(es): %.2fs", n, run.total_s)
+        out["bare"].append(run)
     for n in (1, 2):
         run = cold_run(fx, args, n)
         log.info("part 2: cold, %d worker(s): %.2fs", n, run.total_s)
@@ -502,7 +609,7 @@ def print_scaling(res: dict[str, list[ScaleRun]], n_images: int, args: argparse.
     print(f"\n[2] 1 vs 2 scorer processes (`alpipe worker scorer`, ALPIPE_TORCH_THREADS=1) on {n_images} images, "
           f"shards of <= {args.shard_size}: enqueue_scoring -> ranking live")
     print(f"    {'mode':<6}{'workers':>8}{'total s':>9}{'images/s':>10}{'to 1st job':>11}{'jobs span':>10}"
-          f"{'speedup':>9}  shards per worker")
+          f"{'speedup':>9}  jobs per worker (all timed passes)")
     for mode, runs in res.items():
         if not runs:
             continue
@@ -514,8 +621,11 @@ def print_scaling(res: dict[str, list[ScaleRun]], n_images: int, args: argparse.
                   f"{fmt(base / run.total_s, '.2f')}x  {shares}")
             if run.note:
                 print(f"          ({run.note})")
+    print(f"    bare: the machine's ceiling, n processes x 1 torch thread running the bare forward loop of [1] on "
+          f"{n_images}/n images each at once (median of {args.repeats});\n          its speedup is what 2 scorers can "
+          "hope for here.")
     print("    cold: burst processes spawned after the enqueue; process start, imports, rq registration, model load "
-          "and decoding of every image are inside (to 1st job = start-up).")
+          "and decoding of every image are inside (to 1st job = enqueue -> first job started, mostly start-up).")
     if res.get("warm"):
         print(f"    warm: long-lived workers that already decoded every shard; median of {args.repeats} passes, each a "
               "new version, so its checkpoint load is inside, decoding is not.")
@@ -601,7 +711,7 @@ def round_times(r: redis.Redis, project: str, info: dict, *, round_no: int, labe
     point = next((p for p in info["curve"] if p["model_version"] == version), {})
     train_s = point.get("train_s")
     n_shards = ProjectState(r, project).n_shards(version) or 0
-    jobs = score_jobs(r, project, version, n_shards)
+    jobs = ended_score_jobs(r, project, version, n_shards)
     first, last = span(jobs)
     train_job = None
     for suffix in ("", "-a2", "-a3"):
@@ -667,26 +777,27 @@ def print_rounds(rounds: list[RoundTimes], imported: dict, args: argparse.Namesp
 
 
 @dataclass
-class LatencyResult:
+class LoadRun:
     clients: int
     iterations: int
     queries_ms: list[float]
     labels_ms: list[float]
     health_ms: list[float]
     errors: list[str]
-    load_s: float
-    health_s: float
-    queries_first: list[float]
-    queries_last: list[float]
+    label_wall_s: float  # the query+label run, first request to last answer
+    health_wall_s: float  # the /health run
+    queries_first: list[float]  # GET /queries of the first quarter of iterations (all clients)
+    queries_last: list[float]  # ... and of the last quarter
 
 
 def _run_clients(n: int, body: Callable[[int, httpx.Client], None], base_url: str) -> float:
+    """n threads, each with its own httpx.Client (connection opened before the start), released at once."""
     barrier = threading.Barrier(n + 1)
     errors: list[BaseException] = []
 
     def target(i: int) -> None:
         with httpx.Client(base_url=base_url, timeout=120.0) as client:
-            client.get("/health")  # open the connection before the clock starts
+            client.get("/health")
             barrier.wait()
             try:
                 body(i, client)
@@ -705,76 +816,89 @@ def _run_clients(n: int, body: Callable[[int, httpx.Client], None], base_url: st
     return time.perf_counter() - started
 
 
-def part_latency(stack: LocalStack, api: Api, oracle: dict[str, str], classes: list[str],
-                 args: argparse.Namespace) -> LatencyResult:
-    name = f"bench-latency-{uuid.uuid4().hex[:6]}"
-    create_http_project(api, name, classes=classes, query_size=args.latency_query_size, stop=args.stop,
-                        dataset=DATASET)
-    n, iters = args.clients, args.iterations
-    queries = [[] for _ in range(n)]
-    labels = [[] for _ in range(n)]
-    health = [[] for _ in range(n)]
+def load_run(base_url: str, project: str, oracle: dict[str, str], *, clients: int, iterations: int) -> LoadRun:
+    """/health first (2 x iterations per client: as many requests as a labeler makes), then the labelers."""
+    queries: list[list[float]] = [[] for _ in range(clients)]
+    labels: list[list[float]] = [[] for _ in range(clients)]
+    health: list[list[float]] = [[] for _ in range(clients)]
     errors: list[str] = []
     lock = threading.Lock()
 
+    def failed(what: str) -> None:
+        with lock:
+            errors.append(what)
+
     def labeler(i: int, client: httpx.Client) -> None:
-        for _ in range(iters):
+        for _ in range(iterations):
             t0 = time.perf_counter()
-            q = client.get(f"/projects/{name}/queries", params={"n": 1, "labeler": f"c{i}"})
-            t1 = time.perf_counter()
-            queries[i].append((t1 - t0) * 1000)
+            q = client.get(f"/projects/{project}/queries", params={"n": 1, "labeler": f"c{i}"})
+            queries[i].append((time.perf_counter() - t0) * 1000)
             if q.status_code != 200 or not q.json()["samples"]:
-                with lock:
-                    errors.append(f"queries: {q.status_code} {q.text[:200]}")
+                failed(f"queries: {q.status_code} {q.text[:200]}")
                 continue
             body = q.json()
             sample = body["samples"][0]["sample_id"]
-            t2 = time.perf_counter()
-            p = client.post(f"/projects/{name}/labels", json={
+            t1 = time.perf_counter()
+            p = client.post(f"/projects/{project}/labels", json={
                 "labels": [{"sample_id": sample, "label": oracle[sample], "lease_token": body["lease_token"]}],
                 "labeler": f"c{i}"})
-            labels[i].append((time.perf_counter() - t2) * 1000)
+            labels[i].append((time.perf_counter() - t1) * 1000)
             if p.status_code != 200:
-                with lock:
-                    errors.append(f"labels: {p.status_code} {p.text[:200]}")
+                failed(f"labels: {p.status_code} {p.text[:200]}")
 
     def prober(i: int, client: httpx.Client) -> None:
-        for _ in range(2 * iters):  # as many requests as a labeler makes
+        for _ in range(2 * iterations):
             t0 = time.perf_counter()
             h = client.get("/health")
             health[i].append((time.perf_counter() - t0) * 1000)
             if h.status_code != 200:
-                with lock:
-                    errors.append(f"health: {h.status_code}")
+                failed(f"health: {h.status_code}")
 
-    health_s = _run_clients(n, prober, stack.api_url)
-    load_s = _run_clients(n, labeler, stack.api_url)
-    quarter = max(1, iters // 4)
-    return LatencyResult(n, iters, [v for q in queries for v in q], [v for q in labels for v in q],
-                         [v for h in health for v in h], errors, load_s, health_s,
-                         [v for q in queries for v in q[:quarter]], [v for q in queries for v in q[-quarter:]])
+    health_s = _run_clients(clients, prober, base_url)
+    label_s = _run_clients(clients, labeler, base_url)
+    quarter = max(1, iterations // 4)
+    flat = lambda rows: [v for row in rows for v in row]  # noqa: E731
+    return LoadRun(clients, iterations, flat(queries), flat(labels), flat(health), errors, label_s, health_s,
+                   flat(q[:quarter] for q in queries), flat(q[-quarter:] for q in queries))
 
 
-def print_latency(res: LatencyResult, args: argparse.Namespace) -> None:
-    print(f"\n[4] API latency, {res.clients} concurrent clients (threads, one httpx.Client each), "
-          f"{res.iterations} x (GET /queries?n=1 then POST /labels) each; project query_size "
-          f"{args.latency_query_size} over a pool of ~4000")
-    print(f"    {'request':<26}{'n':>6}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'req/s':>8}")
-    n_load = len(res.queries_ms) + len(res.labels_ms)
-    rows = [("GET /health (baseline)", res.health_ms, len(res.health_ms) / res.health_s),
-            ("GET /queries?n=1", res.queries_ms, n_load / res.load_s),
-            ("POST /labels (1 label)", res.labels_ms, None)]
-    for label, values, rate in rows:
-        print(f"    {label:<26}{len(values):>6}{fmt(pct(values, 50), '.1f')}{fmt(pct(values, 99), '.1f')}"
-              f"{fmt(max(values) if values else None, '.1f')}{fmt(rate, '.0f', 8)}")
-    print("    (req/s of the labeling run counts both requests; baseline run first, same client threads)")
-    print(f"    GET /queries p50, first vs last {max(1, res.iterations // 4)} iterations: "
-          f"{pct(res.queries_first, 50):.1f} ms vs {pct(res.queries_last, 50):.1f} ms")
-    if res.errors:
-        print(f"    {len(res.errors)} error answer(s); first: {res.errors[0]}")
-    if args.latency_query_size > res.clients * res.iterations:
-        print(f"    no training during the run ({res.clients * res.iterations} labels < query_size "
-              f"{args.latency_query_size}): the cold-start ranking is served, trainer and scorers are idle")
+def part_latency(stack: LocalStack, api: Api, oracle: dict[str, str], classes: list[str],
+                 args: argparse.Namespace) -> tuple[LoadRun, LoadRun, dict]:
+    name = f"bench-latency-{uuid.uuid4().hex[:6]}"
+    imported = create_http_project(api, name, classes=classes, query_size=args.latency_query_size, stop=args.stop,
+                                   dataset=DATASET)
+    single = load_run(stack.api_url, name, oracle, clients=1, iterations=args.iterations)
+    loaded = load_run(stack.api_url, name, oracle, clients=args.clients, iterations=args.iterations)
+    return single, loaded, imported
+
+
+def print_latency(single: LoadRun, loaded: LoadRun, imported: dict, args: argparse.Namespace) -> None:
+    n = loaded.clients
+    print(f"\n[4] API latency (ms): {n} concurrent clients (threads in this process, one httpx.Client each), each "
+          f"{loaded.iterations} x (GET /queries?n=1, then POST /labels of that sample);\n    baseline: GET /health, "
+          f"{2 * loaded.iterations} per client, same threads, run just before; '1 client' = the same, sequential. "
+          f"Pool {imported['pool']}, query_size {args.latency_query_size}")
+    print(f"    {'request':<24}{'1 client p50':>13}{'p99':>7}  |{f'{n} clients p50':>15}{'p99':>8}{'max':>8}"
+          f"{'req/s':>8}")
+    rows = [("GET /health (baseline)", single.health_ms, loaded.health_ms,
+             len(loaded.health_ms) / loaded.health_wall_s),
+            ("GET /queries?n=1", single.queries_ms, loaded.queries_ms,
+             (len(loaded.queries_ms) + len(loaded.labels_ms)) / loaded.label_wall_s),
+            ("POST /labels (1 label)", single.labels_ms, loaded.labels_ms, None)]
+    for label, one, many, rate in rows:
+        print(f"    {label:<24}{fmt(pct(one, 50), '.1f', 13)}{fmt(pct(one, 99), '.1f', 7)}  |"
+              f"{fmt(pct(many, 50), '.1f', 15)}{fmt(pct(many, 99), '.1f', 8)}"
+              f"{fmt(max(many) if many else None, '.0f', 8)}{fmt(rate, '.0f', 8)}")
+    print("    (req/s of the labeling run counts queries and labels together)")
+    print(f"    GET /queries p50 under load, first vs last {max(1, loaded.iterations // 4)} iterations of every "
+          f"client: {pct(loaded.queries_first, 50):.1f} vs {pct(loaded.queries_last, 50):.1f}")
+    errors = single.errors + loaded.errors
+    if errors:
+        print(f"    {len(errors)} error answer(s); first: {errors[0]}")
+    labels = (single.clients * single.iterations) + (loaded.clients * loaded.iterations)
+    if args.latency_query_size > labels:
+        print(f"    no training during the run ({labels} labels < query_size {args.latency_query_size}): the "
+              "cold-start ranking is served; trainer and scorers idle")
 
 
 # --- main -----------------------------------------------------------------------------------------------
@@ -784,15 +908,14 @@ def main() -> None:
     defaults = Settings(_env_file=None)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller everything (pool 2000, fewer repeats/rounds/"
-                                                             "clients); about a third of the time")
+                                                             "clients): about 2 minutes instead of 3")
     parser.add_argument("--parts", default="1,2,3,4", help="which parts to run, e.g. 1,3")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for part 1 (both sides)")
     parser.add_argument("--batch-size", type=int, default=defaults.score_batch_size, help="score batch size")
     parser.add_argument("--shard-size", type=int, default=defaults.shard_size, help="pool samples per score job")
     parser.add_argument("--pool-limit", type=int, default=0, help="parts 1-2: score only this many pool images")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes in parts 1 and 2 (warm)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes in parts 1 and 2 (warm)")
     parser.add_argument("--no-warm", action="store_true", help="part 2: skip the warm long-lived workers")
-    parser.add_argument("--max-warm-passes", type=int, default=6, help="part 2: warm-up passes at most")
     parser.add_argument("--profile", action="store_true", help="part 1: always profile a job-path pass")
     parser.add_argument("--profile-below", type=float, default=0.8,
                         help="part 1: profile when job path / bare is below this")
@@ -809,11 +932,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.pool_limit = args.pool_limit or 2000
+        if args.shard_size == defaults.shard_size:
+            args.shard_size = args.pool_limit // 2  # still two shards, so that two workers can share them
         args.repeats = min(args.repeats, 2)
         args.rounds = min(args.rounds, 2)
         args.clients = min(args.clients, 20)
         args.iterations = min(args.iterations, 10)
-        args.max_warm_passes = min(args.max_warm_passes, 4)
         if args.stop == "no_improvement":
             args.stop = "epochs:3"
     parts = {int(p) for p in args.parts.split(",") if p.strip()}
@@ -872,9 +996,9 @@ def main() -> None:
                         printers.append(lambda: print_rounds(res3, imported, args))
                     if 4 in parts:
                         log.info("part 4: %d clients x %d iterations", args.clients, args.iterations)
-                        res4 = part_latency(stack, api, oracle, manifest.classes, args)
-                        print_latency(res4, args)
-                        printers.append(lambda: print_latency(res4, args))
+                        single, loaded, imported4 = part_latency(stack, api, oracle, manifest.classes, args)
+                        print_latency(single, loaded, imported4, args)
+                        printers.append(lambda: print_latency(single, loaded, imported4, args))
                     stack.check_alive()
                 finally:
                     api.close()
