@@ -202,9 +202,13 @@ class ProjectState:
 
     def apply_labels(self, records: list[dict]) -> int:
         """Record labels already durable in object storage; returns the labeled count after."""
+        live = self.live_version()
         pipe = self.r.pipeline()
         for rec in records:
             sid = rec["sample_id"]
+            if live is not None:
+                # Out of the served ranking too, so leasing never walks over labeled samples.
+                pipe.zrem(self.ranking_key(live), sid)
             pipe.hset(self.key("labels"), sid, rec["label"])
             pipe.hset(self.key("label_info"), sid, json.dumps({"labeler": rec["labeler"], "at": rec["at"]}))
             pipe.srem(self.key("pool"), sid)
