@@ -17,7 +17,7 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--stop", default="no_improvement",
                    help="stopping rule: no_improvement (held-out accuracy) or epochs:N (default %(default)s)")
-    g.add_argument("--patience", type=int, default=3, help="epochs without improvement before stopping")
+    g.add_argument("--patience", type=int, default=5, help="epochs without improvement before stopping")
     g.add_argument("--max-epochs", type=int, default=30, help="cap for no_improvement")
     g.add_argument("--holdout", choices=("labeled", "test"), default="labeled",
                    help="no_improvement watches a validation split carved from the labels (default) "

@@ -37,7 +37,7 @@ class TrainOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     stop: str = "no_improvement"
-    patience: int = Field(3, ge=1)
+    patience: int = Field(5, ge=1)
     max_epochs: int = Field(30, ge=1, le=1000)
     holdout: Literal["labeled", "test"] = "labeled"
     val_fraction: float = Field(0.2, gt=0, lt=1)

@@ -13,7 +13,7 @@ class TrainConfig:
     """How the model is (re)trained each round."""
 
     stop: str = "no_improvement"  # "no_improvement" or "epochs:N"
-    patience: int = 3  # epochs without held-out improvement before stopping
+    patience: int = 5  # epochs without held-out improvement before stopping (3 stops too early on few labels)
     max_epochs: int = 30
     holdout: str = "labeled"  # "labeled": validation carved from labels; "test": the tutorial's way
     val_fraction: float = 0.2
