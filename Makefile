@@ -13,11 +13,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The experiment through the live services: a local redis-server, the API, one trainer and two
+# The experiment through the live services: a local redis-server, the API, two trainers and two
 # scorers start, the simulated oracle labels over HTTP, and everything stops at the end.
 DEMO_OUT ?= runs/demo
 demo: setup
-	$(BIN)/alpipe simulate --stack --scorers 2 --dataset mnist5k --strategies margin,least_confidence,random \
+	$(BIN)/alpipe simulate --stack --scorers 2 --trainers 2 --dataset mnist5k --strategies margin,least_confidence,random \
 		--seeds 3 --initial 20 --query-size 10 --budget 300 --model small_cnn --out $(DEMO_OUT)
 
 # The same experiment in one process, no services.

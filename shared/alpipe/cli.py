@@ -71,7 +71,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if args.api:
             points = simulate_via_api(config, api_url=args.api, store=store, cache_dir=cache_dir, experiment=name)
         else:
-            with LocalStack(settings, scorers=args.scorers, echo=args.verbose) as stack:
+            with LocalStack(settings, scorers=args.scorers, trainers=args.trainers, echo=args.verbose) as stack:
                 log.info("local stack up at %s (logs in %s)", stack.api_url, stack.log_dir)
                 points = simulate_via_api(config, api_url=stack.api_url, store=store, cache_dir=cache_dir,
                                           experiment=name)
@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--stack", action="store_true",
                        help="start the local stack (redis, API, trainer, scorers), run through it, stop it")
     where.add_argument("--scorers", type=int, default=2, help="scorer workers for --stack")
+    where.add_argument("--trainers", type=int, default=1,
+                       help="trainer workers for --stack (each trains one project at a time)")
     _add_training_args(sim)
     sim.set_defaults(func=cmd_simulate)
 
@@ -196,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("matplotlib", "PIL", "urllib3"):
+    for noisy in ("matplotlib", "PIL", "urllib3", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -56,7 +56,7 @@ def project_name(experiment: str, strategy: str, seed: int) -> str:
     return f"{stem}-{strategy}-s{seed}-{uuid.uuid4().hex[:6]}"
 
 
-def wait_for_round(api: ApiClient, project: str, *, n_labeled: int, timeout_s: float, poll_s: float = 0.1) -> dict:
+def wait_for_round(api: ApiClient, project: str, *, n_labeled: int, timeout_s: float, poll_s: float = 0.25) -> dict:
     """Poll until a model trained on n_labeled labels exists and its ranking is live."""
     deadline = time.monotonic() + timeout_s
     while True:
