@@ -1,17 +1,29 @@
-"""FastAPI dependencies: settings, the app's one Redis client and one object store, the project.
+"""FastAPI dependencies: settings, the app's one Redis client and one object store, the caller, the project.
 
 The clients are made once per app (in the lifespan, see main.py) and handed to routes through
 `Annotated[..., Depends(...)]` aliases; the core functions get them as keyword arguments.
+
+Access control (alpipe.access): `require_authentication` runs for every route of the app and
+answers 401 unless the request carries a known bearer token (or the route is public, or
+authentication is off). Routes then ask for what they need:
+- `PrincipalDep`: the caller (a `Principal`: name, is_admin, projects, can_access(project)).
+- `AdminDep` (or `dependencies=[Depends(require_admin)]`): 403 unless the caller is the admin.
+- `ProjectDep` (alias `ProjectAccessDep`): the project named in the path; 403 when the caller may
+  not access it, checked before the project is even looked up.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Annotated
 
 import redis
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from alpipe import access
+from alpipe.access import Principal
 from alpipe.config import Settings
 from alpipe.recovery import load_or_recover
 from alpipe.schemas import Project
@@ -76,9 +88,94 @@ StoreDep = Annotated[ObjectStore, Depends(get_store)]
 MetricsDep = Annotated[ApiMetrics, Depends(get_metrics)]
 
 
-def get_project(name: str, r: RedisDep, store: StoreDep, settings: SettingsDep) -> Project:
-    """The project named in the path (404 when unknown; rebuilt first if only object storage has it)."""
+# --- access control ---------------------------------------------------------------------------------
+
+UNAUTHORIZED = "missing or unknown token; send Authorization: Bearer <token>"
+
+# Open without a token: liveness, scraping, the API docs and the static web page (which asks for a token).
+_PUBLIC_PATHS = {"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
+_PUBLIC_PREFIX = "/ui"
+# Where a browser's <img> fetches, which cannot send headers: `?token=` is accepted too.
+QUERY_TOKEN_ROUTES = {"/projects/{name}/samples/{sample_id}/image", "/projects/{name}/curve.png"}
+_QUERY_TOKEN_PATH = re.compile(r"^/projects/[^/]+/(samples/[^/]+/image|curve\.png)$")
+
+_bearer = HTTPBearer(auto_error=False, description="the admin token or a labeler's token (ALPIPE_ADMIN_TOKEN, "
+                                                   "ALPIPE_LABELERS); not needed when the API runs without them")
+
+
+def is_public(path: str) -> bool:
+    return path in _PUBLIC_PATHS or path == _PUBLIC_PREFIX or path.startswith(_PUBLIC_PREFIX + "/")
+
+
+def _route_path(request: Request) -> str | None:
+    """The matched route's path template ('/projects/{name}'), None before routing."""
+    return getattr(request.scope.get("route"), "path", None)
+
+
+def _accepts_query_token(request: Request) -> bool:
+    template = _route_path(request)
+    if template is not None:
+        return template in QUERY_TOKEN_ROUTES
+    return bool(_QUERY_TOKEN_PATH.fullmatch(request.url.path))
+
+
+def get_principal(request: Request, settings: SettingsDep,
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> Principal:
+    """The caller of the request (401 for a missing or unknown token; the dev principal when auth is off)."""
+    cached = getattr(request.state, "principal", None)
+    if cached is not None:
+        return cached
+    token = credentials.credentials if credentials is not None else None
+    if token is None and _accepts_query_token(request):
+        token = request.query_params.get("token") or None
+    principal = access.authenticate(settings, token)
+    if principal is None:
+        raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
+    request.state.principal = principal
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def require_authentication(request: Request, settings: SettingsDep,
+                           credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> None:
+    """App-wide: every route but the public ones needs a known token (when authentication is on)."""
+    if is_public(_route_path(request) or request.url.path):
+        return
+    get_principal(request, settings, credentials)
+
+
+def _action(request: Request) -> str:
+    return f"{request.method} {_route_path(request) or request.url.path}"
+
+
+def require_admin(request: Request, principal: PrincipalDep) -> Principal:
+    """The caller, when it is the admin; 403 for a labeler."""
+    access.require_admin(principal, _action(request))
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(require_admin)]
+
+
+def require_project_access(name: str, principal: PrincipalDep) -> Principal:
+    """The caller, when it may access the project named in the path; 403 otherwise."""
+    access.require_project(principal, name)
+    return principal
+
+
+ProjectAccessPrincipalDep = Annotated[Principal, Depends(require_project_access)]
+
+
+def get_project(principal: ProjectAccessPrincipalDep, name: str, r: RedisDep, store: StoreDep,
+                settings: SettingsDep) -> Project:
+    """The project named in the path: 403 when the caller may not access it (asked first, so a
+    labeler learns nothing of other projects), 404 when unknown (rebuilt first if only object
+    storage has it)."""
+    del principal  # the dependency is the check
     return load_or_recover(r, store, name, settings=settings)
 
 
 ProjectDep = Annotated[Project, Depends(get_project)]
+ProjectAccessDep = ProjectDep

@@ -9,24 +9,28 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from alpipe.access import Forbidden, auth_enabled, check_access_config
 from alpipe.config import Settings, get_settings
 from alpipe.errors import NotFound, UserError
 from alpipe.projects import Busy, Conflict, Invalid, NotAnImage, TooLarge
 from alpipe.recovery import recover_all
 
-from .deps import Clients
+from .deps import Clients, require_authentication
+from .export_routes import router as export_router
 from .metrics import ApiMetrics, LatencyMiddleware
 from .routes import router
+from .ui import router as ui_router
 
 log = logging.getLogger("alpipe.api")
 
 # Most specific first: the first class in an error's MRO that is listed here gives its status.
 _STATUS: dict[type[UserError], int] = {
-    NotFound: 404, Invalid: 422, Conflict: 409, TooLarge: 413, NotAnImage: 415, Busy: 503, UserError: 400,
+    NotFound: 404, Forbidden: 403, Invalid: 422, Conflict: 409, TooLarge: 413, NotAnImage: 415, Busy: 503,
+    UserError: 400,
 }
 
 
@@ -80,6 +84,9 @@ def _recover_missing(clients: Clients, settings: Settings) -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    if not auth_enabled(settings):
+        log.warning("authentication is off (ALPIPE_ADMIN_TOKEN and ALPIPE_LABELERS are empty): anyone who "
+                    "reaches this API acts as its admin; set them before exposing it beyond this machine")
     clients = Clients(settings)
     app.state.clients = clients
     await asyncio.to_thread(_recover_missing, clients, settings)
@@ -144,7 +151,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if not settings.redis_url:
         raise UserError("set REDIS_URL (or ALPIPE_REDIS_URL) to the Redis the API should use, "
                         "e.g. redis://127.0.0.1:6379/0; `alpipe up` starts one for you")
+    check_access_config(settings)
+    # Every route needs a known token (when auth is on) except the public ones: see deps.py.
     app = FastAPI(title="alpipe labeling API", version="0.1.0", lifespan=lifespan,
+                  dependencies=[Depends(require_authentication)],
                   description="Active learning for image classification: upload or import images, get the most "
                               "informative ones to label, post labels; the trainer and scorers do the rest.")
     app.state.settings = settings
@@ -153,6 +163,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(LatencyMiddleware, metrics=metrics)
     _install_error_handlers(app)
     app.include_router(router)
+    app.include_router(export_router)
+    app.include_router(ui_router)
     return app
 
 

@@ -60,6 +60,8 @@ class ApiMetrics:
                                        ["project"], registry=self.registry)
         self.label_duplicates = Counter("alpipe_label_duplicates", "Labels received that were already recorded",
                                         ["project"], registry=self.registry)
+        self.labels_retracted = Counter("alpipe_labels_retracted", "Labels withdrawn by their labeler (undo)",
+                                        ["project"], registry=self.registry)
         self.queries_served = Counter("alpipe_queries_served", "Query requests answered", ["project"],
                                       registry=self.registry)
         self.samples_leased = Counter("alpipe_samples_leased", "Samples handed out by queries", ["project"],

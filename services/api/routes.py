@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from alpipe import keys, projects
+from alpipe import access, keys, projects
 from alpipe.projects import Invalid, NotAnImage, TooLarge
 from alpipe.schemas import (
     CurvePointOut,
@@ -19,15 +19,17 @@ from alpipe.schemas import (
     ImportResult,
     LabelBatch,
     LabelResult,
+    Me,
     ProjectCreate,
     ProjectPublic,
     ProjectSummary,
     QueryOut,
     TrainRequestResult,
+    UndoResult,
     UploadResult,
 )
 
-from .deps import MetricsDep, ProjectDep, RedisDep, SettingsDep, StoreDep
+from .deps import MetricsDep, PrincipalDep, ProjectDep, RedisDep, SettingsDep, StoreDep, require_admin
 
 router = APIRouter()
 
@@ -61,10 +63,24 @@ def metrics(metrics: MetricsDep) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+# --- who am I -----------------------------------------------------------------------------------------
+
+
+@router.get("/me", tags=["service"])
+def me(principal: PrincipalDep) -> Me:
+    """Who the token belongs to and what it may do (auth: false when the API runs without tokens)."""
+    return Me(name=principal.name, is_admin=principal.is_admin, projects=list(principal.projects),
+              auth=principal.auth)
+
+
+_ADMIN = [Depends(require_admin)]
+_FORBIDDEN = {403: {"description": "the token may not do this (admin only, or a project not granted to it)"}}
+
+
 # --- projects ----------------------------------------------------------------------------------------
 
 
-@router.post("/projects", status_code=201, tags=["projects"])
+@router.post("/projects", status_code=201, tags=["projects"], dependencies=_ADMIN, responses=_FORBIDDEN)
 def create_project(body: ProjectCreate, r: RedisDep, store: StoreDep) -> ProjectPublic:
     """Create a project; 409 when the name is taken, 422 for an unknown strategy, model or repeated class."""
     project = projects.create_project(body, store=store, r=r)
@@ -72,13 +88,15 @@ def create_project(body: ProjectCreate, r: RedisDep, store: StoreDep) -> Project
 
 
 @router.get("/projects", tags=["projects"])
-def list_projects(r: RedisDep) -> list[ProjectSummary]:
-    return projects.list_projects(r=r)
+def list_projects(r: RedisDep, principal: PrincipalDep) -> list[ProjectSummary]:
+    """The projects the caller may access."""
+    return [p for p in projects.list_projects(r=r) if principal.can_access(p.name)]
 
 
-@router.get("/projects/{name}", tags=["projects"])
+@router.get("/projects/{name}", tags=["projects"], responses=_FORBIDDEN)
 def get_project(project: ProjectDep, r: RedisDep) -> ProjectPublic:
-    """Counts, current model and its accuracy, the live ranking version, queue depths, curve and config."""
+    """Counts, current model and its accuracy, the live ranking version, queue depths, curve and config;
+    the label policy, votes per labeler, and the samples whose labelers disagree."""
     return projects.describe_project(project, r=r)
 
 
@@ -142,7 +160,8 @@ _UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-da
 
 
 @router.post("/projects/{name}/samples", status_code=201, tags=["samples"], openapi_extra=_UPLOAD_BODY,
-             responses={200: {"description": "the project already had this image", "model": UploadResult},
+             dependencies=_ADMIN,
+             responses={**_FORBIDDEN, 200: {"description": "the project already had this image", "model": UploadResult},
                         413: {"description": "larger than ALPIPE_MAX_UPLOAD_BYTES"},
                         415: {"description": "not an image"}})
 async def upload_sample(request: Request, response: Response, project: ProjectDep, r: RedisDep,
@@ -158,7 +177,7 @@ async def upload_sample(request: Request, response: Response, project: ProjectDe
     return result
 
 
-@router.post("/projects/{name}/samples/import", tags=["samples"])
+@router.post("/projects/{name}/samples/import", tags=["samples"], dependencies=_ADMIN, responses=_FORBIDDEN)
 def import_samples(body: ImportRequest, project: ProjectDep, r: RedisDep, store: StoreDep,
                    settings: SettingsDep, metrics: MetricsDep) -> ImportResult:
     """Import a built-in dataset (mnist5k, digits) or an ImageFolder on the server, with a test split."""
@@ -168,9 +187,15 @@ def import_samples(body: ImportRequest, project: ProjectDep, r: RedisDep, store:
     return result
 
 
+_TOKEN_QUERY = Query(description="the bearer token, for clients that cannot send headers (<img src>)")
+
+
 @router.get("/projects/{name}/samples/{sample_id}/image", tags=["samples"], response_class=Response,
-            responses={200: {"content": {"image/*": {}}, "description": "the image bytes"}})
-def sample_image(sample_id: str, project: ProjectDep, r: RedisDep, store: StoreDep) -> Response:
+            responses={200: {"content": {"image/*": {}}, "description": "the image bytes"}, **_FORBIDDEN})
+def sample_image(sample_id: str, project: ProjectDep, r: RedisDep, store: StoreDep,
+                 token: Annotated[str | None, _TOKEN_QUERY] = None) -> Response:
+    """The image bytes of a sample (authenticated by header, or by `?token=`)."""
+    del token  # read by the authentication dependency
     data, mime = projects.sample_image(project, sample_id, store=store, r=r)
     # Content-addressed: the bytes behind an id never change.
     return Response(data, media_type=mime, headers={"Cache-Control": "public, max-age=31536000, immutable",
@@ -180,31 +205,56 @@ def sample_image(sample_id: str, project: ProjectDep, r: RedisDep, store: StoreD
 # --- queries and labels ------------------------------------------------------------------------------
 
 
-@router.get("/projects/{name}/queries", tags=["labeling"])
+_LABELER_QUERY = Query(min_length=1, max_length=200, description="you: with auth on, your token's labeler (may "
+                                                                  "be left out); with auth off, any name "
+                                                                  "(default 'anonymous')")
+
+
+@router.get("/projects/{name}/queries", tags=["labeling"], responses=_FORBIDDEN)
 def get_queries(project: ProjectDep, r: RedisDep, settings: SettingsDep, metrics: MetricsDep,
+                principal: PrincipalDep,
                 n: Annotated[int, Query(ge=1, le=1000, description="how many samples")] = 10,
-                labeler: Annotated[str, Query(min_length=1, max_length=200)] = "anonymous") -> QueryOut:
-    """The n most informative unlabeled samples of the live ranking, leased to you for lease_ttl_s."""
-    out = projects.lease_queries(project, n=n, labeler=labeler, ttl_s=settings.lease_ttl_s, r=r)
+                labeler: Annotated[str | None, _LABELER_QUERY] = None) -> QueryOut:
+    """The n most informative unlabeled samples of the live ranking, leased to you for lease_ttl_s,
+    each with the model's guess of its class."""
+    who = access.labeler_name(principal, labeler)
+    out = projects.lease_queries(project, n=n, labeler=who, ttl_s=settings.lease_ttl_s, r=r)
     metrics.queries_served.labels(project.name).inc()
     metrics.samples_leased.labels(project.name).inc(len(out.samples))
     return out
 
 
 @router.post("/projects/{name}/labels", tags=["labeling"],
-             responses={404: {"description": "unknown project or sample"},
+             responses={**_FORBIDDEN, 404: {"description": "unknown project or sample"},
                         409: {"description": "a sample is leased to someone else"},
                         422: {"description": "a label is not a class, or a sample is in the test split"}})
 def post_labels(body: LabelBatch, project: ProjectDep, r: RedisDep, store: StoreDep, settings: SettingsDep,
-                metrics: MetricsDep) -> LabelResult:
-    """Record labels: all or nothing, durable in the label log before the answer; repeats are no-ops."""
+                metrics: MetricsDep, principal: PrincipalDep) -> LabelResult:
+    """Record your labels (one vote per labeler and sample): all or nothing, durable in the label log
+    before the answer; repeats are no-ops, a different label replaces your vote."""
+    body = body.model_copy(update={"labeler": access.labeler_name(principal, body.labeler)})
     result = projects.submit_labels(project, body, store=store, r=r, settings=settings)
     metrics.labels_accepted.labels(project.name).inc(result.accepted)
     metrics.label_duplicates.labels(project.name).inc(result.duplicates)
     return result
 
 
-@router.post("/projects/{name}/train", status_code=202, tags=["labeling"])
+@router.delete("/projects/{name}/labels/{sample_id}", tags=["labeling"],
+               responses={**_FORBIDDEN, 404: {"description": "unknown project or sample, or you have no label on it"}})
+def delete_label(sample_id: str, project: ProjectDep, r: RedisDep, store: StoreDep, settings: SettingsDep,
+                 metrics: MetricsDep, principal: PrincipalDep,
+                 labeler: Annotated[str | None, _LABELER_QUERY] = None) -> UndoResult:
+    """Undo your label on a sample: durable in the label log first, then the training label follows the
+    votes left. Left without votes, the sample goes back to the pool, leased to you under lease_token."""
+    who = access.labeler_name(principal, labeler)
+    result = projects.retract_label(project, sample_id, labeler=who, store=store, r=r,
+                                    lease_ttl_s=settings.lease_ttl_s)
+    metrics.labels_retracted.labels(project.name).inc()
+    return result
+
+
+@router.post("/projects/{name}/train", status_code=202, tags=["labeling"], dependencies=_ADMIN,
+             responses=_FORBIDDEN)
 def post_train(project: ProjectDep, r: RedisDep, settings: SettingsDep) -> TrainRequestResult:
     """Retrain now on labels the current model has not seen, even fewer than query_size of them.
 
@@ -224,7 +274,9 @@ def get_curve(project: ProjectDep, r: RedisDep) -> list[dict]:
 
 
 @router.get("/projects/{name}/curve.png", tags=["curve"], response_class=Response,
-            responses={200: {"content": {"image/png": {}}, "description": "the learning curve plot"}})
-def get_curve_png(project: ProjectDep, r: RedisDep) -> Response:
+            responses={200: {"content": {"image/png": {}}, "description": "the learning curve plot"}, **_FORBIDDEN})
+def get_curve_png(project: ProjectDep, r: RedisDep, token: Annotated[str | None, _TOKEN_QUERY] = None) -> Response:
+    """The learning curve plot (authenticated by header, or by `?token=`)."""
+    del token  # read by the authentication dependency
     png = projects.curve_png(project, projects.curve_points(project, r=r))
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})

@@ -69,12 +69,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from .stack import LocalStack
 
         if args.api:
-            points = simulate_via_api(config, api_url=args.api, store=store, cache_dir=cache_dir, experiment=name)
+            points = simulate_via_api(config, api_url=args.api, store=store, cache_dir=cache_dir, experiment=name,
+                                      token=settings.token or settings.admin_token)
         else:
             with LocalStack(settings, scorers=args.scorers, trainers=args.trainers, echo=args.verbose) as stack:
                 log.info("local stack up at %s (logs in %s)", stack.api_url, stack.log_dir)
                 points = simulate_via_api(config, api_url=stack.api_url, store=store, cache_dir=cache_dir,
-                                          experiment=name)
+                                          experiment=name, token=settings.admin_token)
     else:
         points = run_experiment(config, store=store, cache_dir=cache_dir, experiment=name)
     summary = write_results(points, config=config.as_dict(), out=out, store=store, experiment=name,
@@ -140,6 +141,61 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_url(args: argparse.Namespace) -> str:
+    if args.api:
+        return args.api
+    settings = get_settings()
+    host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "::", "") else settings.api_host
+    return f"http://{host}:{settings.api_port}"
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    import getpass
+    import os
+    import tempfile
+
+    from .label_cli import ApiSession, ImageSaver, LabelSession, system_opener
+
+    if args.batch < 1:
+        raise UserError("--batch must be at least 1")
+    stdin_is_tty = sys.stdin.isatty()
+
+    def read(prompt: str) -> str:
+        line = input(prompt)
+        if not stdin_is_tty:  # piped keys: echo them, so the transcript reads like a session
+            print(line.strip(), flush=True)
+        return line
+
+    try:
+        login = getpass.getuser()
+    except (KeyError, OSError):
+        login = "cli"
+    opener = None if args.no_open else system_opener(sys.platform, os.environ)
+    with ApiSession(_api_url(args), token=args.token or get_settings().token) as api, \
+            tempfile.TemporaryDirectory(prefix="alpipe-label-") as folder:
+        session = LabelSession(api=api, project=args.project, labeler=args.labeler, default_labeler=login,
+                               batch=args.batch, input_fn=read,
+                               out=sys.stdout, images=ImageSaver(Path(folder), opener))
+        session.run()
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .label_cli import ApiSession, export_to_file
+
+    with ApiSession(_api_url(args), token=args.token or get_settings().token, timeout_s=600.0) as api:
+        path, size = export_to_file(api, project=args.project, fmt=args.format, out=args.out)
+    print(f"wrote {path} ({size} bytes, {args.format} export of project {args.project!r})")
+    return 0
+
+
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api", metavar="URL",
+                   help="the alpipe API (default http://ALPIPE_API_HOST:ALPIPE_API_PORT, i.e. 127.0.0.1:8000)")
+    p.add_argument("--project", required=True, help="project name")
+    p.add_argument("--token", help="API token, sent as a Bearer token (default ALPIPE_TOKEN)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alpipe", description="Distributed active learning for images.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -192,6 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     rec = sub.add_parser("recover", help="rebuild Redis state from object storage (after a Redis wipe)")
     rec.set_defaults(func=cmd_recover)
+
+    label = sub.add_parser("label", help="label a project's queries from the terminal (keys as on the web page)")
+    _add_client_args(label)
+    label.add_argument("--labeler", help="your name in the label log (default: your token's labeler, or the "
+                       "login name when the API runs without tokens)")
+    label.add_argument("--batch", type=int, default=10, help="samples fetched (and leased) per query")
+    label.add_argument("--no-open", action="store_true", help="never open an image viewer; print the file path")
+    label.set_defaults(func=cmd_label)
+
+    export = sub.add_parser("export", help="download a project's labels: csv, json, or an ImageFolder zip")
+    _add_client_args(export)
+    export.add_argument("--format", choices=("csv", "json", "imagefolder"), default="csv")
+    export.add_argument("--out", type=Path, help="file to write (default <project>-labels.csv|json|zip)")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

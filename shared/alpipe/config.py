@@ -1,10 +1,14 @@
 """Every knob, read from the environment (prefix ALPIPE_) in one place."""
 
+import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .schemas import LabelerGrant
 
 
 class Settings(BaseSettings):
@@ -52,6 +56,29 @@ class Settings(BaseSettings):
     # API server
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+
+    # Access control. Both empty = authentication off (local/dev: anyone who reaches the API acts as
+    # admin). Otherwise every request but /health, /metrics, the docs and /ui carries
+    # `Authorization: Bearer <token>`: the admin token may do everything, a labeler's token may
+    # query and label its projects. ALPIPE_LABELERS is JSON: {"ada": {"token": "...", "projects": ["digits"]}}.
+    admin_token: str = ""
+    labelers: Annotated[dict[str, LabelerGrant], NoDecode] = {}
+    # Command-line clients (`alpipe label`, `alpipe export`): the token they send as that Bearer token.
+    token: str = ""
+
+    @field_validator("labelers", mode="before")
+    @classmethod
+    def _labelers_from_json(cls, value: Any) -> Any:
+        """ALPIPE_LABELERS arrives as JSON text; empty means no labelers (as `ALPIPE_LABELERS=` in .env)."""
+        if not isinstance(value, str):
+            return value
+        if not value.strip():
+            return {}
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f'ALPIPE_LABELERS must be JSON such as {{"ada": {{"token": "...", "projects": '
+                             f'["digits"]}}}}: {e}') from None
 
 
 @lru_cache

@@ -29,6 +29,9 @@ from . import keys
 from .config import Settings
 from .errors import NotFound, UserError
 from .schemas import (
+    Disagreement,
+    Disagreements,
+    Guess,
     ImportRequest,
     ImportResult,
     LabelBatch,
@@ -44,6 +47,7 @@ from .schemas import (
     QuerySample,
     SampleRecord,
     TrainRequestResult,
+    UndoResult,
     UploadResult,
 )
 from .state import ProjectState, project_names
@@ -91,6 +95,14 @@ def new_stamp() -> str:
 
 def new_batch_id() -> str:
     return uuid.uuid4().hex[:12]
+
+
+ANONYMOUS_LABELER = "anonymous"
+
+
+def _log_time(now: float | None) -> float:
+    """A label-log time: whole milliseconds, which survive Redis' JSON (14 significant digits) exactly."""
+    return round(time.time() if now is None else now, 3)
 
 
 def image_url(project: str, sample_id: str) -> str:
@@ -233,16 +245,20 @@ def queue_depths(*, r: redis.Redis) -> dict[str, int]:
     return {name: Queue(name, connection=r).count for name in (keys.QUEUE_TRAIN, keys.QUEUE_SCORE)}
 
 
-def describe_project(project: Project, *, r: redis.Redis) -> ProjectPublic:
+def describe_project(project: Project, *, r: redis.Redis, max_disagreements: int = 50) -> ProjectPublic:
     state = ProjectState(r, project.name)
-    curve = state.curve()
-    version = state.model_version()
+    version, n_labeled, live = state.model_snapshot()
+    curve = state.curve()  # read after the snapshot: it always holds the snapshot's version
     accuracy = next((p.get("test_accuracy") for p in curve if p.get("model_version") == version), None)
+    n_disputed, disputed = state.disagreements(max_disagreements)
     return ProjectPublic(
         name=project.name, project=project, counts=_counts(state),
-        model=ModelInfo(version=version, n_labeled=state.model_labels() if version else 0,
-                        test_accuracy=accuracy),
-        live_ranking_version=state.live_version(), queues=queue_depths(r=r), curve=curve)
+        model=ModelInfo(version=version, n_labeled=n_labeled if version else 0, test_accuracy=accuracy),
+        live_ranking_version=live, queues=queue_depths(r=r), curve=curve,
+        label_policy=project.label_policy, labelers=state.labeler_counts(),
+        disagreements=Disagreements(count=n_disputed, samples=[
+            Disagreement(sample_id=sid, votes={who: vote["label"] for who, vote in sorted(votes.items())})
+            for sid, votes in disputed]))
 
 
 # --- samples -----------------------------------------------------------------------------------------
@@ -384,21 +400,40 @@ def lease_queries(project: Project, *, n: int, labeler: str, ttl_s: float, r: re
     state = ProjectState(r, project.name)
     version = state.live_version()
     leased = state.lease(n, token=token, labeler=labeler, ttl_s=ttl_s, now=now)
+    # Guesses of ranked samples only: a random fill-in (score None) was not scored by this model.
+    ranked = [sid for sid, score in leased if score is not None]
+    guesses = dict(zip(ranked, _guesses(state, project, version, ranked), strict=True))
     return QueryOut(model_version=version, lease_token=token, expires_at=now + ttl_s,
-                    samples=[QuerySample(sample_id=sid, score=score, image_url=image_url(project.name, sid))
+                    samples=[QuerySample(sample_id=sid, score=score, image_url=image_url(project.name, sid),
+                                         guess=guesses.get(sid))
                              for sid, score in leased])
+
+
+def _guesses(state: ProjectState, project: Project, version: int | None, sample_ids: list[str]) -> list[Guess | None]:
+    """The served ranking's model's guess for each sample; None before the first model or where unscored."""
+    if not version or not sample_ids:
+        return [None] * len(sample_ids)
+    out: list[Guess | None] = []
+    for found in state.guesses(version, sample_ids):
+        if found is None or not 0 <= found[0] < len(project.classes):
+            out.append(None)
+        else:
+            out.append(Guess(label=project.classes[found[0]], confidence=min(1.0, max(0.0, found[1]))))
+    return out
 
 
 def submit_labels(project: Project, batch: LabelBatch, *, store: ObjectStore, r: redis.Redis,
                   settings: Settings, now: float | None = None) -> LabelResult:
     """Validate every label, append the new ones to the label log (durable), then update Redis.
 
-    All or nothing: one bad item rejects the batch before anything is written. A label equal to
-    the one recorded, or repeated in the batch, is a no-op; a different label replaces it (latest
-    wins). Returns only once the batch is durable and applied.
+    All or nothing: one bad item rejects the batch before anything is written. Every labeler has
+    one vote per sample: a label equal to the labeler's own vote, or repeated in the batch, is a
+    no-op; a different one replaces its vote. The project's label_policy makes the training label
+    of the votes. Returns only once the batch is durable and applied.
     """
-    now = time.time() if now is None else now
-    state = ProjectState(r, project.name)
+    now = _log_time(now)
+    labeler = batch.labeler or ANONYMOUS_LABELER
+    state = ProjectState(r, project.name, label_policy=project.label_policy)
     wanted: dict[str, str] = {}
     tokens: dict[str, str | None] = {}
     repeated = 0
@@ -436,18 +471,53 @@ def submit_labels(project: Project, batch: LabelBatch, *, store: ObjectStore, r:
         raise Conflict(f"sample {sid!r} is leased to labeler {labeler!r}{more}; send the lease_token you got "
                        "with the query, or wait until the lease expires")
 
-    current = state.current_labels(ids)
-    new = [sid for sid, label in zip(ids, current, strict=True) if label != wanted[sid]]
+    votes = []
+    for chunk in _chunks(ids):
+        votes.extend(state.votes(chunk))
+    new = [sid for sid, vote in zip(ids, votes, strict=True)
+           if (vote.get(labeler) or {}).get("label") != wanted[sid]]
     duplicates = repeated + len(ids) - len(new)
     if not new:
         return LabelResult(accepted=0, duplicates=duplicates, labeled=state.counts()["labeled"])
     batch_id = new_batch_id()
-    records = [LabelRecord(sample_id=sid, label=wanted[sid], labeler=batch.labeler, at=now, batch=batch_id)
+    records = [LabelRecord(sample_id=sid, label=wanted[sid], labeler=labeler, at=now, batch=batch_id)
                for sid in new]
     store.put_if_absent(keys.label_log_key(project.name, new_stamp(), batch_id), _jsonl(records))
     labeled = state.apply_labels([rec.model_dump() for rec in records])
     trigger_training(r, project, settings=settings)
     return LabelResult(accepted=len(records), duplicates=duplicates, labeled=labeled)
+
+
+def retract_label(project: Project, sample_id: str, *, labeler: str, store: ObjectStore, r: redis.Redis,
+                  lease_ttl_s: float, now: float | None = None) -> UndoResult:
+    """Withdraw a labeler's own vote on a sample (undo): the retraction goes to the label log, then Redis.
+
+    The training label follows the votes left. A sample left without votes goes back to the
+    unlabeled pool, leased at once to the labeler under a new token, so it can be labeled anew.
+    NotFound when the labeler has no vote on the sample.
+    """
+    now = _log_time(now)
+    state = ProjectState(r, project.name, label_policy=project.label_policy)
+    if state.sample_split(sample_id) is None:
+        raise NotFound(f"sample {sample_id!r} not found in project {project.name!r}")
+    [votes] = state.votes([sample_id])
+    vote = votes.get(labeler)
+    if vote is None:
+        raise NotFound(f"labeler {labeler!r} has no label on sample {sample_id!r} in project {project.name!r}; "
+                       "there is nothing to undo")
+    batch_id = new_batch_id()
+    record = LabelRecord(sample_id=sample_id, label=vote["label"], labeler=labeler, at=now, batch=batch_id,
+                         retract=True)
+    store.put_if_absent(keys.label_log_key(project.name, new_stamp(), batch_id), _jsonl([record]))
+    token = secrets.token_urlsafe(16)
+    live = state.live_version()
+    # Back in the cold-start ranking at its old place; a model's ranking gets it at the next scoring.
+    rank = cold_start_score(project.seed, sample_id) if live == 0 else None
+    labeled, [label] = state.apply_votes([record.model_dump()], relet=(token, labeler, now + lease_ttl_s),
+                                         rank_score=rank)
+    leased = label is None and state.lease_holder(sample_id) == (token, labeler)
+    return UndoResult(sample_id=sample_id, labeled=labeled, training_label=label,
+                      lease_token=token if leased else None)
 
 
 def trigger_training(r: redis.Redis, project: Project, *, settings: Settings) -> str | None:

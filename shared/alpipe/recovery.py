@@ -1,7 +1,8 @@
 """Rebuild a project's Redis state from object storage, the source of truth (after a Redis wipe).
 
 What comes back: the project definition, every sample batch (pool and test split), the label
-log replayed in write order (latest label wins, labeled samples leave the pool), the model
+log replayed in write order (every labeler's vote per sample, retractions (undo) applied in turn,
+the training label of the votes by the project's label_policy, labeled samples leave the pool), the model
 pointer and the learning curve, and a cold-start ranking for the unlabeled pool so labelers are
 served at once. When the project has a model, a scoring of it is enqueued, and its ranking
 replaces the cold-start one when complete.
@@ -132,7 +133,8 @@ def recover_project(r: redis.Redis, store: ObjectStore, name: str, *, settings: 
     """
     started = time.perf_counter()
     project = read_project(store, name)
-    state = ProjectState(r, name)
+    # The policy comes from the definition: Redis has no registered project to read it from yet.
+    state = ProjectState(r, name, label_policy=project.label_policy)
     lock = state.key("recovering")
     token = uuid.uuid4().hex
     if not r.set(lock, token, nx=True, ex=_LOCK_TTL_S):

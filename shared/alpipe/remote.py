@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 class ApiClient:
     """Thin JSON client; a non-2xx answer becomes an error carrying the API's message."""
 
-    def __init__(self, base_url: str, *, timeout_s: float = 120.0):
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s)
+    def __init__(self, base_url: str, *, timeout_s: float = 120.0, token: str = ""):
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s, headers=headers)
 
     def call(self, method: str, path: str, **kwargs) -> dict | list:
         try:
@@ -119,12 +120,15 @@ def run_remote(api: ApiClient, *, strategy: str, seed: int, config: ExperimentCo
 
 
 def simulate_via_api(config: ExperimentConfig, *, api_url: str, store: ObjectStore, cache_dir: Path,
-                     experiment: str, round_timeout_s: float = 600.0) -> list[CurvePoint]:
-    """Every strategy × seed as concurrent projects on the API; curve points in a stable order."""
+                     experiment: str, round_timeout_s: float = 600.0, token: str = "") -> list[CurvePoint]:
+    """Every strategy × seed as concurrent projects on the API; curve points in a stable order.
+
+    token: the admin token when the API has authentication on (the oracle creates projects).
+    """
     config.validate()
     manifest = load_dataset(config.dataset, store=store, cache_dir=cache_dir)
     oracle = {s.id: s.label for s in manifest.samples if s.label is not None}
-    api = ApiClient(api_url)
+    api = ApiClient(api_url, token=token)
     try:
         api.call("GET", "/health")
         runs = [(strategy, seed) for seed in range(config.seeds) for strategy in config.strategies]

@@ -5,6 +5,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 Split = Literal["pool", "test"]
+LabelPolicy = Literal["latest", "majority"]
 
 
 class SampleRecord(BaseModel):
@@ -64,6 +65,8 @@ class ProjectCreate(BaseModel):
     pretrained: bool = True
     training: TrainOptions = Field(default_factory=TrainOptions)
     seed: int = 0
+    label_policy: LabelPolicy = Field("latest", description="which label trains the model when labelers disagree: "
+                                                            "the most recent one, or the most common one")
 
 
 class Project(ProjectCreate):
@@ -93,17 +96,33 @@ class LabelBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     labels: list[LabelIn] = Field(min_length=1, max_length=10_000)
-    labeler: str = "anonymous"
+    labeler: str | None = Field(None, min_length=1, max_length=200,
+                                description="who labels: with authentication on, the token's labeler (another "
+                                            "name is refused); with it off, any name (default 'anonymous')")
 
 
 class LabelRecord(BaseModel):
-    """One line of the durable label log."""
+    """One line of the durable label log: a labeler's vote on a sample, or (retract) its withdrawal.
+
+    Replayed in write order, the log gives every labeler's current vote per sample; the project's
+    label_policy turns a sample's votes into the label the model trains on.
+    """
 
     sample_id: str
-    label: str
+    label: str = Field(description="the label voted for; for a retraction, the label withdrawn")
     labeler: str
     at: float
     batch: str
+    retract: bool = Field(False, description="true: this labeler's vote on the sample is withdrawn (undo)")
+
+
+class LabelerGrant(BaseModel):
+    """One labeler of the API (config ALPIPE_LABELERS): its bearer token and the projects it may label."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: str = Field(min_length=1)
+    projects: list[str] = Field(default_factory=lambda: ["*"], description="project names; '*' = every project")
 
 
 class CurvePointOut(BaseModel):
@@ -150,6 +169,16 @@ class ModelInfo(BaseModel):
     test_accuracy: float | None = None
 
 
+class Disagreement(BaseModel):
+    sample_id: str
+    votes: dict[str, str] = Field(description="labeler -> its label")
+
+
+class Disagreements(BaseModel):
+    count: int = Field(description="labeled samples whose labelers do not all agree")
+    samples: list[Disagreement] = Field(description="the most recently voted on of them (at most 50)")
+
+
 class ProjectPublic(BaseModel):
     name: str
     project: Project
@@ -158,6 +187,9 @@ class ProjectPublic(BaseModel):
     live_ranking_version: int | None = Field(description="model version whose ranking is served (0 = cold start)")
     queues: dict[str, int] = Field(description="jobs waiting in the rq queues train and score (all projects)")
     curve: list[CurvePointOut]
+    label_policy: LabelPolicy = Field(description="how the votes of several labelers become the training label")
+    labelers: dict[str, int] = Field(default_factory=dict, description="labeler -> samples it has a vote on")
+    disagreements: Disagreements = Field(default_factory=lambda: Disagreements(count=0, samples=[]))
 
 
 class ProjectSummary(BaseModel):
@@ -186,10 +218,17 @@ class ImportResult(BaseModel):
     batch: str | None = Field(description="the sample batch object written, None when nothing was new")
 
 
+class Guess(BaseModel):
+    label: str = Field(description="the class the served ranking's model finds most likely")
+    confidence: float = Field(ge=0, le=1, description="that model's probability of the class")
+
+
 class QuerySample(BaseModel):
     sample_id: str
     score: float | None = Field(description="the strategy's score in the live ranking; None for a random fill-in")
     image_url: str
+    guess: Guess | None = Field(None, description="the model's guess; None before the first model, for a random "
+                                                  "fill-in, and for strategies that run no model (random)")
 
 
 class QueryOut(BaseModel):
@@ -203,3 +242,19 @@ class LabelResult(BaseModel):
     accepted: int = Field(description="labels written by this call")
     duplicates: int = Field(description="labels already recorded (or repeated in the batch): no-ops")
     labeled: int = Field(description="labeled samples of the project after this call")
+
+
+class UndoResult(BaseModel):
+    sample_id: str
+    labeled: int = Field(description="labeled samples of the project after this call")
+    training_label: str | None = Field(description="the sample's training label from the votes left; None when "
+                                                   "no vote is left and it is back in the unlabeled pool")
+    lease_token: str | None = Field(description="when the sample went back to the pool: it is leased to you "
+                                                "again under this token (lease_ttl_s), so you can label it anew")
+
+
+class Me(BaseModel):
+    name: str = Field(description="who you act as: a labeler's name, 'admin', or 'anonymous' with auth off")
+    is_admin: bool
+    projects: list[str] = Field(description="projects you may label; ['*'] = all")
+    auth: bool = Field(description="false when the API runs without authentication (local/dev mode)")

@@ -63,6 +63,15 @@ def strategy_scores(strategy: Strategy, probs: np.ndarray, *, seed: int, version
     return np.asarray(strategy.score(probs, rng=np.random.default_rng([seed, version, shard])), dtype=np.float64)
 
 
+def top_guesses(sample_ids: list[str], probs: np.ndarray) -> dict[str, tuple[int, float]]:
+    """Each sample's most likely class index and its probability (ties to the lower index)."""
+    if not sample_ids:
+        return {}
+    top = np.argmax(probs, axis=1)
+    confidence = np.clip(probs[np.arange(len(sample_ids)), top], 0.0, 1.0)
+    return {sid: (int(c), float(p)) for sid, c, p in zip(sample_ids, top, confidence, strict=True)}
+
+
 def score_shard(job: ScoreJob, *, r: redis.Redis, store: ObjectStore, models: ModelCache, tensors: TensorCache,
                 batch_size: int, heartbeat_ttl_s: float, job_id: str | None = None,
                 delay_s: float = 0.0) -> dict:
@@ -96,7 +105,8 @@ def score_shard(job: ScoreJob, *, r: redis.Redis, store: ObjectStore, models: Mo
         else:
             probs = np.zeros((len(ids), len(project.classes)), dtype=np.float32)
         scores = strategy_scores(strategy, probs, seed=project.seed, version=version, shard=shard) if ids else []
-        state.add_scores(version, {sid: float(s) for sid, s in zip(ids, scores, strict=True)})
+        guesses = top_guesses(ids, probs) if strategy.needs_model else None
+        state.add_scores(version, {sid: float(s) for sid, s in zip(ids, scores, strict=True)}, guesses=guesses)
         made_live = state.shard_done(version, shard, job.n_shards)
     if made_live:
         finish_ranking(r, job.project, version)

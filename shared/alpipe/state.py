@@ -64,6 +64,95 @@ return 1
 """
 
 
+# Applies label-log records (votes and retractions) to one project's votes and training labels, in
+# order, atomically, so concurrent labelers never lose each other's votes and the live state and a
+# replay of the log (recovery) go through the same steps. A sample's votes are a JSON object
+# labeler -> {label, at}; its training label is a pure function of them (see `decide`), so equal
+# votes give equal labels however they came about. Recency is (at, labeler name), a total order.
+# KEYS: votes, labels, pool, leases, lease_owner, live ranking, labeler_votes, disputed
+# ARGV: policy ('latest' | 'majority'), JSON list of records {sample_id, label, labeler, at, retract},
+#       lease expiry and owner for a retraction that leaves a sample without votes ('' = none),
+#       its score in the live ranking ('' = leave it out of the ranking)
+# Returns {labeled count, training label of each record's sample after it ('' = none)}.
+_APPLY_VOTES_LUA = """
+local policy = ARGV[1]
+local records = cjson.decode(ARGV[2])
+local lease_expiry, lease_owner, rank_score = ARGV[3], ARGV[4], ARGV[5]
+local function newer(a_at, a_who, b_at, b_who)
+  if a_at ~= b_at then return a_at > b_at end
+  return a_who > b_who
+end
+-- The training label of a set of votes (nil for none), how many distinct labels, the newest vote's time.
+local function decide(votes)
+  local count, last = {}, {}
+  for who, v in pairs(votes) do
+    count[v.label] = (count[v.label] or 0) + 1
+    local l = last[v.label]
+    if l == nil or newer(v.at, who, l[1], l[2]) then last[v.label] = {v.at, who} end
+  end
+  local top, top_rank, distinct, newest = nil, -1, 0, nil
+  for label, n in pairs(count) do
+    distinct = distinct + 1
+    local l = last[label]
+    if newest == nil or newer(l[1], l[2], newest[1], newest[2]) then newest = l end
+    local rank = 0
+    if policy == 'majority' then rank = n end
+    if rank > top_rank or (rank == top_rank and newer(l[1], l[2], last[top][1], last[top][2])) then
+      top, top_rank = label, rank
+    end
+  end
+  return top, distinct, newest and newest[1]
+end
+local out = {0}
+for i, rec in ipairs(records) do
+  local sid, who = rec.sample_id, rec.labeler
+  local raw = redis.call('HGET', KEYS[1], sid)
+  local votes = {}
+  if raw then votes = cjson.decode(raw) end
+  local changed = true
+  if rec.retract then
+    if votes[who] == nil then
+      changed = false
+    else
+      votes[who] = nil
+      if redis.call('HINCRBY', KEYS[7], who, -1) <= 0 then redis.call('HDEL', KEYS[7], who) end
+    end
+  else
+    if votes[who] == nil then redis.call('HINCRBY', KEYS[7], who, 1) end
+    votes[who] = {label = rec.label, at = rec.at}
+  end
+  if not changed then
+    out[i + 1] = redis.call('HGET', KEYS[2], sid) or ''
+  else
+    local label, distinct, newest = decide(votes)
+    if label == nil then
+      redis.call('HDEL', KEYS[1], sid)
+      redis.call('HDEL', KEYS[2], sid)
+      redis.call('ZREM', KEYS[8], sid)
+      redis.call('SADD', KEYS[3], sid)
+      if lease_expiry ~= '' then
+        redis.call('ZADD', KEYS[4], lease_expiry, sid)
+        redis.call('HSET', KEYS[5], sid, lease_owner)
+      end
+      if rank_score ~= '' then redis.call('ZADD', KEYS[6], rank_score, sid) end
+      out[i + 1] = ''
+    else
+      redis.call('HSET', KEYS[1], sid, cjson.encode(votes))
+      redis.call('HSET', KEYS[2], sid, label)
+      if distinct > 1 then redis.call('ZADD', KEYS[8], newest, sid) else redis.call('ZREM', KEYS[8], sid) end
+      -- Out of the served ranking too, so leasing never walks over labeled samples.
+      redis.call('ZREM', KEYS[6], sid)
+      redis.call('SREM', KEYS[3], sid)
+      redis.call('ZREM', KEYS[4], sid)
+      redis.call('HDEL', KEYS[5], sid)
+      out[i + 1] = label
+    end
+  end
+end
+out[1] = redis.call('HLEN', KEYS[2])
+return out
+"""
+
 # Deletes a key only while it holds the caller's value (a slot or lock someone else took is kept).
 _DELETE_IF_EQUAL_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -74,10 +163,13 @@ return 0
 class ProjectState:
     """Redis operations of one project; every method is safe to repeat."""
 
-    def __init__(self, r: redis.Redis, project: str):
+    def __init__(self, r: redis.Redis, project: str, *, label_policy: str | None = None):
         self.r = r
         self.project = project
+        # How votes become training labels; None: the registered project's (or 'latest').
+        self.label_policy = label_policy
         self._lease = r.register_script(_LEASE_LUA)
+        self._apply_votes = r.register_script(_APPLY_VOTES_LUA)
         self._shard_done = r.register_script(_SHARD_DONE_LUA)
         self._release_if = r.register_script(_DELETE_IF_EQUAL_LUA)
 
@@ -196,26 +288,70 @@ class ProjectState:
         return {k.decode(): v.decode() for k, v in self.r.hgetall(self.key("labels")).items()}
 
     def current_labels(self, sample_ids: list[str]) -> list[str | None]:
+        """The training label of each sample, None where it has none."""
         if not sample_ids:
             return []
         return [v.decode() if v is not None else None for v in self.r.hmget(self.key("labels"), sample_ids)]
 
+    def _policy(self) -> str:
+        if self.label_policy is None:
+            meta = self.meta()
+            self.label_policy = json.loads(meta).get("label_policy", "latest") if meta else "latest"
+        return self.label_policy
+
     def apply_labels(self, records: list[dict]) -> int:
-        """Record labels already durable in object storage; returns the labeled count after."""
+        """Record labels already durable in object storage; returns the labeled count after.
+
+        records are label-log records (LabelRecord dicts), votes and retractions, applied in order.
+        """
+        return self.apply_votes(records)[0]
+
+    def apply_votes(self, records: list[dict], *, relet: tuple[str, str, float] | None = None,
+                    rank_score: float | None = None) -> tuple[int, list[str | None]]:
+        """Apply label-log records in order, atomically: (labeled count, each record's sample's training label).
+
+        A vote sets its labeler's vote on the sample; a retraction removes it. The training label
+        follows the policy (latest: the most recent vote; majority: the most common label, ties to
+        the most recent). A sample left without votes goes back to the unlabeled pool; with relet
+        (token, labeler, expiry) it is leased to that labeler at once, and with rank_score it is put
+        back into the live ranking with that score.
+        """
+        if not records:
+            return int(self.r.hlen(self.key("labels"))), []
         live = self.live_version()
+        ranking = self.ranking_key(live) if live is not None else self.key("ranking", "none")
+        payload = json.dumps([{"sample_id": rec["sample_id"], "label": rec["label"], "labeler": rec["labeler"],
+                               "at": float(rec["at"]), "retract": bool(rec.get("retract", False))}
+                              for rec in records])
+        lease_expiry, lease_owner = ("", "") if relet is None else (repr(float(relet[2])), f"{relet[0]} {relet[1]}")
+        out = self._apply_votes(
+            keys=[self.key("votes"), self.key("labels"), self.key("pool"), self.key("leases"),
+                  self.key("lease_owner"), ranking, self.key("labeler_votes"), self.key("disputed")],
+            args=[self._policy(), payload, lease_expiry, lease_owner, "" if rank_score is None else repr(rank_score)])
+        return int(out[0]), [v.decode() or None for v in out[1:]]
+
+    def votes(self, sample_ids: list[str]) -> list[dict[str, dict]]:
+        """Each sample's votes, labeler -> {"label", "at"} ({} where it has none)."""
+        if not sample_ids:
+            return []
+        return [json.loads(v) if v is not None else {} for v in self.r.hmget(self.key("votes"), sample_ids)]
+
+    def all_votes(self) -> dict[str, dict[str, dict]]:
+        """Every labeled sample's votes: sample_id -> labeler -> {"label", "at"}."""
+        return {k.decode(): json.loads(v) for k, v in self.r.hgetall(self.key("votes")).items()}
+
+    def labeler_counts(self) -> dict[str, int]:
+        """Labeler -> how many samples it has a vote on."""
+        return {k.decode(): int(v) for k, v in self.r.hgetall(self.key("labeler_votes")).items()}
+
+    def disagreements(self, limit: int = 50) -> tuple[int, list[tuple[str, dict[str, dict]]]]:
+        """(how many samples have votes that differ, the `limit` most recently voted on with their votes)."""
         pipe = self.r.pipeline()
-        for rec in records:
-            sid = rec["sample_id"]
-            if live is not None:
-                # Out of the served ranking too, so leasing never walks over labeled samples.
-                pipe.zrem(self.ranking_key(live), sid)
-            pipe.hset(self.key("labels"), sid, rec["label"])
-            pipe.hset(self.key("label_info"), sid, json.dumps({"labeler": rec["labeler"], "at": rec["at"]}))
-            pipe.srem(self.key("pool"), sid)
-            pipe.zrem(self.key("leases"), sid)
-            pipe.hdel(self.key("lease_owner"), sid)
-        pipe.hlen(self.key("labels"))
-        return int(pipe.execute()[-1])
+        pipe.zcard(self.key("disputed"))
+        pipe.zrevrange(self.key("disputed"), 0, max(0, limit - 1))
+        count, ids = pipe.execute()
+        ids = [i.decode() for i in ids][:limit]
+        return int(count), list(zip(ids, self.votes(ids), strict=True))
 
     # --- rankings ----------------------------------------------------------------------------------
 
@@ -235,9 +371,34 @@ class ProjectState:
     def begin_ranking(self, version: int, n_shards: int) -> None:
         self.r.set(self.key("ranking", version, "n_shards"), n_shards)
 
-    def add_scores(self, version: int, scores: dict[str, float]) -> None:
+    def guess_key(self, version: int) -> str:
+        return self.key("ranking", version, "guess")
+
+    def add_scores(self, version: int, scores: dict[str, float],
+                   guesses: dict[str, tuple[int, float]] | None = None) -> None:
+        """Add a shard's scores to ranking `version`, with the model's guesses (class index, probability)."""
+        if not scores and not guesses:
+            return
+        pipe = self.r.pipeline()  # MULTI: a sample's score and its guess land together
         if scores:
-            self.r.zadd(self.ranking_key(version), scores)
+            pipe.zadd(self.ranking_key(version), scores)
+        if guesses:
+            pipe.hset(self.guess_key(version), mapping={sid: f"{int(c)} {float(p):.6f}"
+                                                        for sid, (c, p) in guesses.items()})
+        pipe.execute()
+
+    def guesses(self, version: int, sample_ids: list[str]) -> list[tuple[int, float] | None]:
+        """The model's (class index, probability) for each sample in ranking `version`, None where unknown."""
+        if not sample_ids:
+            return []
+        out: list[tuple[int, float] | None] = []
+        for raw in self.r.hmget(self.guess_key(version), sample_ids):
+            if raw is None:
+                out.append(None)
+                continue
+            index, _, prob = raw.decode().partition(" ")
+            out.append((int(index), float(prob)))
+        return out
 
     def shard_done(self, version: int, shard: int, n_shards: int) -> bool:
         """Mark a shard scored; True when this completed the ranking and made it live."""
@@ -257,7 +418,7 @@ class ProjectState:
     def drop_rankings_before(self, version: int) -> None:
         """Older rankings are never served again once a newer one is live."""
         for old in range(max(0, version - 50), version):
-            self.r.delete(self.ranking_key(old), self.key("ranking", old, "done"),
+            self.r.delete(self.ranking_key(old), self.key("ranking", old, "done"), self.guess_key(old),
                           self.key("ranking", old, "n_shards"), shard_plan_key(self.project, old),
                           shard_jobs_key(self.project, old))
 
@@ -278,6 +439,12 @@ class ProjectState:
             pipe.set(self.key("model_version"), version)
             pipe.set(self.key("model_labels"), n_labeled)
             pipe.execute()
+
+    def model_snapshot(self) -> tuple[int, int, int | None]:
+        """(model version, its n_labeled, live ranking version) read together, never from two moments."""
+        version, labels, live = self.r.mget(self.key("model_version"), self.key("model_labels"),
+                                            self.key("ranking_live"))
+        return int(version or 0), int(labels or 0), int(live) if live is not None else None
 
     def model_labels(self) -> int:
         value = self.r.get(self.key("model_labels"))

@@ -60,6 +60,14 @@ class ObjectStore(ABC):
     def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
         self.put_bytes(key, Path(path).read_bytes(), content_type)
 
+    def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """The object's bytes in chunks, for streaming big objects (checkpoints) without holding them.
+
+        Raises NotFound at the call, not at the first chunk, so a caller can answer 404 before it
+        starts a response. The base version reads the whole object; backends override it.
+        """
+        return iter((self.get_bytes(key),))
+
 
 class LocalStore(ObjectStore):
     """Objects as files under a root directory; atomic by write-to-temp then rename."""
@@ -109,6 +117,19 @@ class LocalStore(ObjectStore):
             return self._path(key).read_bytes()
         except FileNotFoundError:
             raise NotFound(f"object {key!r} not found in {self.describe()}") from None
+
+    def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        try:
+            f = self._path(key).open("rb")
+        except FileNotFoundError:
+            raise NotFound(f"object {key!r} not found in {self.describe()}") from None
+
+        def chunks() -> Iterator[bytes]:
+            with f:
+                while chunk := f.read(chunk_size):
+                    yield chunk
+
+        return chunks()
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -200,6 +221,25 @@ class S3Store(ObjectStore):
         finally:
             response.close()
             response.release_conn()
+
+    def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        from minio.error import S3Error
+
+        try:
+            response = self.client.get_object(self.bucket, key)
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NoSuchObject"):
+                raise NotFound(f"object {key!r} not found in {self.describe()}") from None
+            raise
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from response.stream(chunk_size)
+            finally:
+                response.close()
+                response.release_conn()
+
+        return chunks()
 
     def exists(self, key: str) -> bool:
         from minio.error import S3Error

@@ -1,0 +1,128 @@
+"""Routes that move labels and models in and out of a project: export, CSV import, model download.
+
+Thin: parse the request, call one function of alpipe.export, stream or format the answer.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from alpipe import export
+from alpipe.export import ExportFormat, LabelImportResult
+from alpipe.projects import Invalid, TooLarge
+
+from .deps import MetricsDep, ProjectDep, RedisDep, SettingsDep, StoreDep, require_admin
+
+router = APIRouter()
+
+# Admin only: an export hands out every label and image, a model all that was learnt, an import labels
+# in other people's names.
+_ADMIN = [Depends(require_admin)]
+_FORBIDDEN = {403: {"description": "admin only"}}
+
+# Multipart framing and small form fields around the CSV file.
+_FORM_OVERHEAD = 64 * 1024
+
+
+def _attachment(filename: str) -> dict[str, str]:
+    return {"Content-Disposition": f'attachment; filename="{filename}"', "Cache-Control": "no-store"}
+
+
+@router.get("/projects/{name}/export", tags=["export"], response_class=StreamingResponse, dependencies=_ADMIN,
+            responses={**_FORBIDDEN, 200: {"description": "the export as an attachment, streamed",
+                             "content": {"text/csv": {}, "application/json": {}, "application/zip": {}}},
+                        422: {"description": "unknown format"}})
+def export_labels(project: ProjectDep, r: RedisDep, store: StoreDep,
+                  fmt: Annotated[ExportFormat, Query(alias="format", description=(
+                      "csv: one row per label-log record; json: the records plus the training label of "
+                      "every sample; imagefolder: a ZIP <class>/<sample_id>.<ext> with labels.csv"))] = "csv",
+                  ) -> StreamingResponse:
+    """Every label-log record in order (csv, json), or the labeled images by class (imagefolder)."""
+    chunks = export.export_labels(project, fmt, store=store, r=r)
+    meta = export.export_meta(project.name, fmt)
+    return StreamingResponse(chunks, media_type=meta.media_type, headers=_attachment(meta.filename))
+
+
+@router.get("/projects/{name}/model", tags=["export"], response_class=StreamingResponse, dependencies=_ADMIN,
+            responses={**_FORBIDDEN, 200: {"description": "the checkpoint (torch.save of a plain dict), streamed",
+                             "content": {"application/octet-stream": {}}},
+                        404: {"description": "no model yet, or no such version"}})
+def download_model(project: ProjectDep, store: StoreDep,
+                   version: Annotated[int | None, Query(ge=1, description="a model version; default: the "
+                                                                          "current one")] = None,
+                   ) -> StreamingResponse:
+    """The current model's checkpoint bytes (or an older version's), as `<project>-v<N>.pt`."""
+    download = export.model_download(project, version, store=store)
+    headers = {**_attachment(download.filename), "X-Model-Version": str(download.version)}
+    return StreamingResponse(download.chunks, media_type="application/octet-stream", headers=headers)
+
+
+async def _read_csv(request: Request, *, max_bytes: int) -> str:
+    """The CSV text: the multipart field `file`, or the whole body (text/csv); never more than max_bytes."""
+    too_large = TooLarge(f"CSV larger than the limit of {max_bytes} bytes (ALPIPE_MAX_UPLOAD_BYTES)")
+    multipart = request.headers.get("content-type", "").startswith("multipart/form-data")
+    limit = max_bytes + (_FORM_OVERHEAD if multipart else 0)
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+
+    async def capped():
+        total = 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise too_large
+            yield chunk
+
+    if multipart:
+        try:
+            form = await MultiPartParser(request.headers, capped(), max_files=1, max_fields=10,
+                                         max_part_size=_FORM_OVERHEAD).parse()
+        except MultiPartException as e:
+            raise Invalid(f"malformed multipart body: {e}") from None
+        try:
+            file = form.get("file")
+            if not isinstance(file, UploadFile):
+                raise Invalid("missing the CSV: send it in the multipart form field 'file'")
+            data = await file.read(max_bytes + 1)
+        finally:
+            await form.close()
+        if len(data) > max_bytes:
+            raise too_large
+    else:
+        data = b"".join([chunk async for chunk in capped()])
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise Invalid(f"the CSV is not UTF-8 text ({e})") from None
+
+
+_IMPORT_BODY = {"requestBody": {"required": True, "content": {
+    "text/csv": {"schema": {"type": "string"}, "example": "sample_id,label,labeler\n<sha256>,cat,ann\n"},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary", "description": "the CSV file"}}}},
+}}}
+
+
+@router.post("/projects/{name}/labels/import", tags=["labeling"], openapi_extra=_IMPORT_BODY, dependencies=_ADMIN,
+             responses={**_FORBIDDEN, 409: {"description": "a sample is leased to a labeler"},
+                        413: {"description": "larger than ALPIPE_MAX_UPLOAD_BYTES"},
+                        422: {"description": "bad header or bad rows (the first ones by line number)"}})
+async def import_labels(request: Request, project: ProjectDep, r: RedisDep, store: StoreDep, settings: SettingsDep,
+                        metrics: MetricsDep,
+                        labeler: Annotated[str, Query(min_length=1, max_length=200, description=(
+                            "labeler of rows without a labeler column"))] = "import") -> LabelImportResult:
+    """Warm-start from a CSV `sample_id,label[,labeler]` or `name,label[,labeler]`: all rows are checked
+    before anything is written, then they go in like POST /labels (durable, and they trigger training)."""
+    text = await _read_csv(request, max_bytes=settings.max_upload_bytes)
+    result = await run_in_threadpool(export.import_labels_csv, project, text, store=store, r=r, settings=settings,
+                                     default_labeler=labeler)
+    metrics.labels_accepted.labels(project.name).inc(result.accepted)
+    metrics.label_duplicates.labels(project.name).inc(result.duplicates)
+    return result
