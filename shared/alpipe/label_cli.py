@@ -171,7 +171,10 @@ class ImageSaver:
 
 
 def class_keys(classes: list[str]) -> dict[str, str]:
-    """key -> class: 1..9 then 0 for the first ten classes, as on the web page."""
+    """key -> class, as on the web page: 1..9 then 0 for the first ten classes, except that classes
+    named by single digits are their own keys (pressing 3 labels "3", never the third class)."""
+    if len(set(classes)) == len(classes) and all(c in KEYS for c in classes):
+        return {c: c for c in classes}
     return {KEYS[i]: c for i, c in enumerate(classes[:len(KEYS)])}
 
 

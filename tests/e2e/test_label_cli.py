@@ -214,3 +214,8 @@ def test_an_empty_pool_ends_the_session() -> None:
     api = StubApi(CLASSES, n_samples=1)
     session, out = run_session(api, ["1"])
     assert "nothing left to label" in out and session.labeled == 1
+
+
+def test_digit_classes_are_their_own_keys_as_on_the_web_page():
+    assert class_keys([str(d) for d in range(10)])["3"] == "3"
+    assert class_keys(["cat", "dog", "3"]) == {"1": "cat", "2": "dog", "3": "3"}
