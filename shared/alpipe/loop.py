@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from . import keys
+from .checkpoints import checkpoint_bytes
 from .data import load_dataset, stratified_split
 from .errors import UserError
 from .images import decode_images
@@ -167,9 +168,7 @@ def run_one(data: PreparedData, *, strategy_name: str, seed: int, config: Experi
         checkpoint = make_checkpoint(model, model_name=config.model, model_version=round_no,
                                      classes=data.classes, in_channels=data.in_channels,
                                      config=config.as_dict())
-        buf = io.BytesIO()
-        torch.save(checkpoint, buf)
-        store.put_bytes(f"{checkpoint_prefix}{strategy_name}-seed{seed}.pt", buf.getvalue())
+        store.put_bytes(f"{checkpoint_prefix}{strategy_name}-seed{seed}.pt", checkpoint_bytes(checkpoint))
     return points
 
 
