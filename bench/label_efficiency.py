@@ -13,6 +13,7 @@ from pathlib import Path
 from alpipe.config import get_settings
 from alpipe.experiment import write_results
 from alpipe.loop import ExperimentConfig, run_experiment
+from alpipe.results import savings_table
 from alpipe.storage import open_store
 
 
@@ -32,12 +33,7 @@ def main() -> None:
     summary = write_results(points, config=config.as_dict(), out=Path(args.out), title="mnist5k, small_cnn")
     print(f"\nlabel efficiency on mnist5k, {args.seeds} seeds, budget {args.budget} "
           f"(target: random needs >= +50% labels vs margin), {time.perf_counter() - started:.0f}s in all")
-    print(f"{'strategy':<18}{'random needs (median)':>22}{'final acc':>11}{'train s/round':>15}{'score s/round':>15}")
-    for name, entry in summary["strategies"].items():
-        savings = entry.get("label_savings")
-        extra = f"{savings['median_extra_fraction']:+.0%}" if savings else "(baseline)"
-        timing = entry["seconds_per_round"]
-        print(f"{name:<18}{extra:>22}{entry['final_accuracy']:>11.3f}{timing['train']:>15.2f}{timing['score']:>15.3f}")
+    print(savings_table(summary))
     print(f"plot: {Path(args.out) / 'curves.png'}")
 
 

@@ -115,7 +115,8 @@ def run_remote(api: ApiClient, *, strategy: str, seed: int, config: ExperimentCo
         last = now
         round_no += 1
     curve = api.call("GET", f"/projects/{name}/curve")
-    return [CurvePoint(strategy, seed, i, p["n_labeled"], p["test_accuracy"], p.get("train_s", 0.0))
+    # Scoring is spread over scorer jobs and overlaps other projects' work: not attributed per round.
+    return [CurvePoint(strategy, seed, i, p["n_labeled"], p["test_accuracy"], p.get("train_s", 0.0), None)
             for i, p in enumerate(curve)]
 
 

@@ -20,7 +20,7 @@ class CurvePoint:
     n_labeled: int
     test_accuracy: float
     train_s: float = 0.0
-    score_s: float = 0.0
+    score_s: float | None = 0.0  # None where it was not measured (runs through the services)
 
 
 def curves_csv(points: list[CurvePoint]) -> str:
@@ -96,12 +96,13 @@ def summarize(points: list[CurvePoint], *, config: dict, baseline: str = "random
     summary: dict = {"config": config, "strategies": {}}
     for strategy, curve in curves.items():
         own = [p for p in points if p.strategy == strategy and p.round > 0]
+        scored = [p.score_s for p in own if p.score_s is not None]
         entry: dict = {
             "mean_curve": curve,
             "final_accuracy": curve["mean"][-1],
             "seconds_per_round": {
                 "train": float(np.mean([p.train_s for p in own])) if own else 0.0,
-                "score": float(np.mean([p.score_s for p in own])) if own else 0.0,
+                "score": float(np.mean(scored)) if scored else None,
             },
         }
         if baseline in curves and strategy != baseline:
@@ -117,8 +118,9 @@ def savings_table(summary: dict) -> str:
     for name, entry in summary["strategies"].items():
         savings = entry.get("label_savings")
         extra = f"{savings['median_extra_fraction']:+.0%} labels" if savings else "baseline"
-        lines.append(f"{name:<18}{entry['final_accuracy']:>10.3f}{extra:>24}"
-                     f"{entry['seconds_per_round']['train']:>15.2f}{entry['seconds_per_round']['score']:>15.3f}")
+        timing = entry["seconds_per_round"]
+        score = "n/a" if timing["score"] is None else f"{timing['score']:.3f}"
+        lines.append(f"{name:<18}{entry['final_accuracy']:>10.3f}{extra:>24}{timing['train']:>15.2f}{score:>15}")
     return "\n".join(lines)
 
 
