@@ -11,12 +11,12 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 
 from alpipe import export
 from alpipe.export import ExportFormat, LabelImportResult
 from alpipe.projects import Invalid, TooLarge
 
+from .bodies import capped_stream, check_declared_length, parse_capped_form
 from .deps import MetricsDep, ProjectDep, RedisDep, SettingsDep, StoreDep, require_admin
 
 router = APIRouter()
@@ -25,10 +25,6 @@ router = APIRouter()
 # in other people's names.
 _ADMIN = [Depends(require_admin)]
 _FORBIDDEN = {403: {"description": "admin only"}}
-
-# Multipart framing and small form fields around the CSV file.
-_FORM_OVERHEAD = 64 * 1024
-
 
 def _attachment(filename: str) -> dict[str, str]:
     return {"Content-Disposition": f'attachment; filename="{filename}"', "Cache-Control": "no-store"}
@@ -66,26 +62,8 @@ def download_model(project: ProjectDep, store: StoreDep,
 async def _read_csv(request: Request, *, max_bytes: int) -> str:
     """The CSV text: the multipart field `file`, or the whole body (text/csv); never more than max_bytes."""
     too_large = TooLarge(f"CSV larger than the limit of {max_bytes} bytes (ALPIPE_MAX_UPLOAD_BYTES)")
-    multipart = request.headers.get("content-type", "").startswith("multipart/form-data")
-    limit = max_bytes + (_FORM_OVERHEAD if multipart else 0)
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise too_large
-
-    async def capped():
-        total = 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                raise too_large
-            yield chunk
-
-    if multipart:
-        try:
-            form = await MultiPartParser(request.headers, capped(), max_files=1, max_fields=10,
-                                         max_part_size=_FORM_OVERHEAD).parse()
-        except MultiPartException as e:
-            raise Invalid(f"malformed multipart body: {e}") from None
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await parse_capped_form(request, max_bytes=max_bytes, too_large=too_large)
         try:
             file = form.get("file")
             if not isinstance(file, UploadFile):
@@ -96,7 +74,8 @@ async def _read_csv(request: Request, *, max_bytes: int) -> str:
         if len(data) > max_bytes:
             raise too_large
     else:
-        data = b"".join([chunk async for chunk in capped()])
+        check_declared_length(request, max_bytes, too_large)
+        data = b"".join([chunk async for chunk in capped_stream(request, max_bytes, too_large)])
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:

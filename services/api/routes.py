@@ -9,7 +9,6 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 
 from alpipe import access, keys, projects
 from alpipe.projects import Invalid, NotAnImage, TooLarge
@@ -29,13 +28,10 @@ from alpipe.schemas import (
     UploadResult,
 )
 
+from .bodies import parse_capped_form
 from .deps import MetricsDep, PrincipalDep, ProjectDep, RedisDep, SettingsDep, StoreDep, require_admin
 
 router = APIRouter()
-
-# Multipart framing and the small form fields around the file; the file itself is capped exactly.
-_FORM_OVERHEAD = 64 * 1024
-
 
 @router.get("/health", tags=["service"])
 def health(r: RedisDep, request: Request, response: Response) -> dict[str, Any]:
@@ -115,25 +111,8 @@ async def _read_upload(request: Request, *, max_bytes: int) -> _Upload:
     """Parse the multipart body while counting bytes: never more than max_bytes (+ framing) is read."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise NotAnImage("send the image as multipart/form-data in the field 'file'")
-    limit = max_bytes + _FORM_OVERHEAD
     too_large = TooLarge(f"upload larger than the limit of {max_bytes} bytes (ALPIPE_MAX_UPLOAD_BYTES)")
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise too_large
-
-    async def capped():
-        total = 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                raise too_large
-            yield chunk
-
-    try:
-        form = await MultiPartParser(request.headers, capped(), max_files=1, max_fields=10,
-                                     max_part_size=_FORM_OVERHEAD).parse()
-    except MultiPartException as e:
-        raise Invalid(f"malformed multipart body: {e}") from None
+    form = await parse_capped_form(request, max_bytes=max_bytes, too_large=too_large)
     try:
         file = form.get("file")
         if not isinstance(file, UploadFile):
