@@ -78,17 +78,6 @@ def sample_batches(store: ObjectStore, project: str) -> list[str]:
 # --- fixtures ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request: pytest.FixtureRequest) -> ObjectStore:
-    return request.getfixturevalue(f"{request.param}_store")
-
-
-@pytest.fixture
-def local(local_store: ObjectStore) -> ObjectStore:
-    """For tests whose behaviour does not depend on the backend: the fast local store."""
-    return local_store
-
-
 @pytest.fixture
 def settings_for(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str):
     """settings_for(store, **overrides) -> Settings over that store and the test's Redis."""

@@ -29,16 +29,6 @@ from tests.integration.test_api import (
 )
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request: pytest.FixtureRequest) -> ObjectStore:
-    return request.getfixturevalue(f"{request.param}_store")
-
-
-@pytest.fixture
-def local(local_store: ObjectStore) -> ObjectStore:
-    return local_store
-
-
 @pytest.fixture
 def app_for(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str):
     """app_for(store, **settings) -> a started TestClient; all are stopped at the end of the test."""

@@ -29,11 +29,6 @@ from tests.integration.test_api import (
 )
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request: pytest.FixtureRequest) -> ObjectStore:
-    return request.getfixturevalue(f"{request.param}_store")
-
-
 @pytest.fixture
 def settings_for(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str):
     def make(store: ObjectStore, **overrides):

@@ -12,11 +12,6 @@ from alpipe.errors import NotFound
 from alpipe.storage import LocalStore, ObjectStore, S3Store
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request: pytest.FixtureRequest) -> ObjectStore:
-    return request.getfixturevalue(f"{request.param}_store")
-
-
 def test_put_get_round_trip(store: ObjectStore) -> None:
     data = bytes(range(256)) * 4
     store.put_bytes("blobs/one.bin", data)
