@@ -168,18 +168,25 @@ def test_a_label_refused_with_409_moves_on_to_the_next_image(pages, make_project
     """When the API answers 409 (the lease lapsed and someone else holds the image), the page says so
     and goes on; the API's side of that is tested with the API."""
     project = make_project("ui-conflict", pool=12, offset=160)
-    page = pages.open(f"/ui/?project={project.name}", token="t-ada")
+    refuse = {"on": False}
+
+    def answer(route):
+        if refuse["on"] and route.request.method == "POST":
+            route.fulfill(status=409, json={"detail": "the sample is leased to labeler 'bob'"})
+        else:
+            route.continue_()
+
+    # Routed before the page opens, switched on once the first image shows: no race with the route's set-up.
+    page = pages.open(f"/ui/?project={project.name}", token="t-ada",
+                      before=lambda context: context.route(f"**/projects/{project.name}/labels", answer))
     first = shown(page)
-    conflict = {"detail": f"sample {first!r} is leased to labeler 'bob'"}
-    page.route(f"**/projects/{project.name}/labels",
-               lambda route: route.fulfill(status=409, json=conflict) if route.request.method == "POST"
-               else route.continue_())
+    refuse["on"] = True
     second = press_and_wait(page, project.truth[first], first)
     expect(page.locator(".toast")).to_contain_text("someone else")
     expect(page.locator("#stat-mine")).to_have_text("0")
     expect(page.locator("#recent li")).to_have_count(0)
     expect(page.locator("#banner")).to_be_hidden()
-    page.unroute(f"**/projects/{project.name}/labels")
+    refuse["on"] = False
     press_and_wait(page, project.truth[second], second)
     expect(page.locator("#stat-labeled")).to_have_text("1")
     assert project.counts(admin)["labeled"] == 1
