@@ -207,15 +207,19 @@ class S3Store(ObjectStore):
             time.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable")
 
-    def get_bytes(self, key: str) -> bytes:
+    def _open(self, key: str):
+        """The GET response of key; NotFound when it does not exist. The caller closes it."""
         from minio.error import S3Error
 
         try:
-            response = self.client.get_object(self.bucket, key)
+            return self.client.get_object(self.bucket, key)
         except S3Error as e:
             if e.code in ("NoSuchKey", "NoSuchObject"):
                 raise NotFound(f"object {key!r} not found in {self.describe()}") from None
             raise
+
+    def get_bytes(self, key: str) -> bytes:
+        response = self._open(key)
         try:
             return response.read()
         finally:
@@ -223,14 +227,7 @@ class S3Store(ObjectStore):
             response.release_conn()
 
     def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        from minio.error import S3Error
-
-        try:
-            response = self.client.get_object(self.bucket, key)
-        except S3Error as e:
-            if e.code in ("NoSuchKey", "NoSuchObject"):
-                raise NotFound(f"object {key!r} not found in {self.describe()}") from None
-            raise
+        response = self._open(key)  # opened here, so a missing key raises at the call, not mid-stream
 
         def chunks() -> Iterator[bytes]:
             try:

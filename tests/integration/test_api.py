@@ -79,33 +79,6 @@ def sample_batches(store: ObjectStore, project: str) -> list[str]:
 
 
 @pytest.fixture
-def settings_for(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str):
-    """settings_for(store, **overrides) -> Settings over that store and the test's Redis."""
-
-    def make(store: ObjectStore, **overrides) -> Settings:
-        s3 = request.getfixturevalue("s3_server") if isinstance(store, S3Store) else None
-        return make_settings(tmp_path, overrides.pop("redis_url", redis_url), store, s3, **overrides)
-
-    return make
-
-
-@pytest.fixture
-def app_for(settings_for):
-    """app_for(store, **settings) -> a started TestClient; all are stopped at the end of the test."""
-    clients: list[TestClient] = []
-
-    def start(store: ObjectStore, **overrides) -> TestClient:
-        client = TestClient(create_app(settings_for(store, **overrides)))
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield start
-    for client in reversed(clients):
-        client.__exit__(None, None, None)
-
-
-@pytest.fixture
 def client(app_for, store: ObjectStore) -> TestClient:
     return app_for(store)
 

@@ -17,33 +17,14 @@ from fastapi.testclient import TestClient
 
 from alpipe import keys
 from alpipe.state import ProjectState
-from alpipe.storage import ObjectStore, S3Store
-from services.api.main import create_app
+from alpipe.storage import ObjectStore
 from tests.integration.test_api import (
     CLASSES,
     import_folder,
     label_log,
     make_image_folder,
-    make_settings,
     new_project,
 )
-
-
-@pytest.fixture
-def app_for(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str):
-    """app_for(store, **settings) -> a started TestClient; all are stopped at the end of the test."""
-    clients: list[TestClient] = []
-
-    def start(store: ObjectStore, **overrides) -> TestClient:
-        s3 = request.getfixturevalue("s3_server") if isinstance(store, S3Store) else None
-        client = TestClient(create_app(make_settings(tmp_path, redis_url, store, s3, **overrides)))
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield start
-    for client in reversed(clients):
-        client.__exit__(None, None, None)
 
 
 @pytest.fixture

@@ -16,26 +16,16 @@ from alpipe.errors import NotFound
 from alpipe.projects import Busy, cold_start_score
 from alpipe.recovery import recover_all, recover_project
 from alpipe.state import ProjectState
-from alpipe.storage import ObjectStore, S3Store
+from alpipe.storage import ObjectStore
 from services.api.main import create_app
 from tests.integration.test_api import (
     CLASSES,
     import_folder,
     label_log,
     make_image_folder,
-    make_settings,
     new_project,
     png_bytes,
 )
-
-
-@pytest.fixture
-def settings_for(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str):
-    def make(store: ObjectStore, **overrides):
-        s3 = request.getfixturevalue("s3_server") if isinstance(store, S3Store) else None
-        return make_settings(tmp_path, redis_url, store, s3, **overrides)
-
-    return make
 
 
 @pytest.fixture
