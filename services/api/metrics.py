@@ -66,6 +66,8 @@ class ApiMetrics:
                                       registry=self.registry)
         self.samples_leased = Counter("alpipe_samples_leased", "Samples handed out by queries", ["project"],
                                       registry=self.registry)
+        self.samples_released = Counter("alpipe_samples_released", "Leased samples handed back unlabeled",
+                                        ["project"], registry=self.registry)
         self.samples_added = Counter("alpipe_samples_added", "Samples added by upload or import",
                                      ["project", "split"], registry=self.registry)
         self.request_seconds = Histogram("alpipe_http_request_duration_seconds", "HTTP request latency",

@@ -18,6 +18,8 @@ from alpipe.schemas import (
     ImportResult,
     LabelBatch,
     LabelResult,
+    LeaseRelease,
+    LeaseReleaseResult,
     Me,
     ProjectCreate,
     ProjectPublic,
@@ -201,6 +203,17 @@ def get_queries(project: ProjectDep, r: RedisDep, settings: SettingsDep, metrics
     metrics.queries_served.labels(project.name).inc()
     metrics.samples_leased.labels(project.name).inc(len(out.samples))
     return out
+
+
+@router.post("/projects/{name}/leases/release", tags=["labeling"], responses=_FORBIDDEN)
+def post_lease_release(body: LeaseRelease, project: ProjectDep, r: RedisDep, metrics: MetricsDep,
+                       principal: PrincipalDep) -> LeaseReleaseResult:
+    """Hand samples you were served back unlabeled, so other labelers get them now instead of after
+    lease_ttl_s. The labeling page calls this when it is closed. Safe to repeat."""
+    body = body.model_copy(update={"labeler": access.labeler_name(principal, body.labeler)})
+    result = projects.release_leases(project, body, r=r)
+    metrics.samples_released.labels(project.name).inc(result.released)
+    return result
 
 
 @router.post("/projects/{name}/labels", tags=["labeling"],

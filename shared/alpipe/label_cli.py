@@ -355,6 +355,21 @@ class LabelSession:
                 continue
             return ("labeled" if self._label(item, label) else "failed"), None
 
+    def _hand_back(self, items: list[_Item]) -> None:
+        """Release the leases of samples this session was served but did not label, so other labelers
+        get them now rather than when the leases expire. Best effort: they expire anyway."""
+        by_token: dict[str, list[str]] = {}
+        for item in items:
+            if item.lease_token:
+                by_token.setdefault(item.lease_token, []).append(item.sample["sample_id"])
+        for token, ids in by_token.items():
+            try:
+                self.api.json("POST", f"/projects/{self.project}/leases/release",
+                              json={"lease_token": token, "sample_ids": ids, "labeler": self.labeler})
+            except UserError as e:  # an API error, or the API is gone
+                self.say(f"  could not hand {len(ids)} leased samples back ({e}); "
+                         "they return to the pool when their leases expire")
+
     def run(self) -> int:
         """Label until `q`, the end of input, or an empty pool; returns the labels kept this session."""
         self._whoami()
@@ -363,24 +378,31 @@ class LabelSession:
         self._keys = class_keys(self._classes)
         self._intro(info)
         queue: deque[_Item] = deque()
+        passed: list[_Item] = []  # leased to us and not labeled: skipped, or shown when we quit
         shown = 0
-        while True:
-            if not queue:
-                answer = self.api.json("GET", f"/projects/{self.project}/queries",
-                                       params={"n": self.batch, "labeler": self.labeler})
-                if not answer["samples"]:
-                    self.say("\nnothing left to label: every pool sample is labeled or leased")
+        try:
+            while True:
+                if not queue:
+                    answer = self.api.json("GET", f"/projects/{self.project}/queries",
+                                           params={"n": self.batch, "labeler": self.labeler})
+                    if not answer["samples"]:
+                        self.say("\nnothing left to label: every pool sample is labeled or leased")
+                        break
+                    queue.extend(_Item(s, answer["lease_token"], answer.get("model_version"))
+                                 for s in answer["samples"])
+                item = queue.popleft()
+                shown += 1
+                outcome, undone = self._ask(item, f"[{shown}]")
+                if outcome in ("quit", "skip"):
+                    passed.append(item)
+                if outcome == "quit":
                     break
-                queue.extend(_Item(s, answer["lease_token"], answer.get("model_version")) for s in answer["samples"])
-            item = queue.popleft()
-            shown += 1
-            outcome, undone = self._ask(item, f"[{shown}]")
-            if outcome == "quit":
-                break
-            if undone is not None:
-                # The undone sample again (under the lease the undo gave back, if any), then this one.
-                queue.appendleft(item)
-                queue.appendleft(undone)
+                if undone is not None:
+                    # The undone sample again (under the lease the undo gave back, if any), then this one.
+                    queue.appendleft(item)
+                    queue.appendleft(undone)
+        finally:  # Ctrl-C too
+            self._hand_back([*passed, *queue])
         info = self._project_info()
         self.say(f"\nthis session: {self.labeled} labeled, {self.skipped} skipped, {self.undone} undone; "
                  f"project {self.project!r}: {info['counts']['labeled']} labeled, model v{info['model']['version']}")

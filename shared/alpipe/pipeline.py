@@ -240,8 +240,10 @@ def enqueue_job(r: redis.Redis, queue_name: str, func: str, payload: dict, job_i
 
 
 def train_due(state: ProjectState, project: Project) -> bool:
-    """query_size labels arrived since the current model's labels (any labels count with no model)."""
-    return state.counts()["labeled"] - state.model_labels() >= project.query_size
+    """query_size labels arrived since the current model's labels (any labels count with no model),
+    or any new label while a forced-training request (POST /projects/{p}/train) is pending."""
+    unseen = state.counts()["labeled"] - state.model_labels()
+    return unseen >= project.query_size or (unseen >= 1 and state.forced_training_pending())
 
 
 def maybe_enqueue_train(r: redis.Redis, project: Project, *, settings: Settings | None = None,
@@ -253,10 +255,12 @@ def maybe_enqueue_train(r: redis.Redis, project: Project, *, settings: Settings 
     one train job per project waiting; concurrent callers race on the slot, not on the queue.
     While a trainer holds the project's train lock nothing is queued: that trainer calls this
     again after releasing the lock, so labels applied before this call are never left behind.
-    force (POST /projects/{p}/train) queues a job for any new label, e.g. a last partial batch.
+    force (POST /projects/{p}/train) queues a job for any new label, e.g. a last partial batch;
+    a pending forced-training request (see ProjectState.request_forced_training) does the same.
     """
     settings = settings or get_settings()
     state = ProjectState(r, project.name)
+    force = force or state.forced_training_pending()
     labeled = state.counts()["labeled"]
     if labeled - state.model_labels() < (1 if force else project.query_size):
         return None

@@ -37,6 +37,8 @@ from .schemas import (
     LabelBatch,
     LabelRecord,
     LabelResult,
+    LeaseRelease,
+    LeaseReleaseResult,
     ModelInfo,
     Project,
     ProjectCounts,
@@ -409,6 +411,14 @@ def lease_queries(project: Project, *, n: int, labeler: str, ttl_s: float, r: re
                              for sid, score in leased])
 
 
+def release_leases(project: Project, body: LeaseRelease, *, r: redis.Redis) -> LeaseReleaseResult:
+    """Hand leased samples back to the pool at once; only the caller's own leases under that token."""
+    state = ProjectState(r, project.name)
+    released = state.release(list(dict.fromkeys(body.sample_ids)), token=body.lease_token,
+                             labeler=body.labeler or ANONYMOUS_LABELER)
+    return LeaseReleaseResult(released=released)
+
+
 def _guesses(state: ProjectState, project: Project, version: int | None, sample_ids: list[str]) -> list[Guess | None]:
     """The served ranking's model's guess for each sample; None before the first model or where unscored."""
     if not version or not sample_ids:
@@ -531,8 +541,11 @@ def request_training(r: redis.Redis, project: Project, *, settings: Settings) ->
     """Queue a train job now for any labels the current model has not seen (a partial batch too)."""
     from .pipeline import maybe_enqueue_train
 
-    job_id = maybe_enqueue_train(r, project, settings=settings, force=True)
     state = ProjectState(r, project.name)
+    labeled = state.counts()["labeled"]
+    if labeled > state.model_labels():
+        state.request_forced_training(labeled)  # outlives the job: the reconciler re-queues it
+    job_id = maybe_enqueue_train(r, project, settings=settings, force=True)
     return TrainRequestResult(job_id=job_id, labeled=state.counts()["labeled"], model_labels=state.model_labels())
 
 

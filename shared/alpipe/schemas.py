@@ -101,6 +101,23 @@ class LabelBatch(BaseModel):
                                             "name is refused); with it off, any name (default 'anonymous')")
 
 
+class LeaseRelease(BaseModel):
+    """Samples handed back unlabeled (a closed page, a labeler who stops), so others get them now."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lease_token: str = Field(min_length=1, max_length=200, description="the token the samples were leased under")
+    sample_ids: list[str] = Field(min_length=1, max_length=1000)
+    labeler: str | None = Field(None, min_length=1, max_length=200,
+                                description="who holds the leases: with authentication on, the token's labeler; "
+                                            "with it off, the name used for the query (default 'anonymous')")
+
+
+class LeaseReleaseResult(BaseModel):
+    released: int = Field(description="leases ended; leases that expired, were labeled or are someone else's "
+                                      "are left as they are and not counted")
+
+
 class LabelRecord(BaseModel):
     """One line of the durable label log: a labeler's vote on a sample, or (retract) its withdrawal.
 

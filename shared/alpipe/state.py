@@ -52,6 +52,20 @@ end
 return out
 """
 
+# Ends the leases that ARGV[1] ("<token> <labeler>") holds on the samples ARGV[2..]; leases of anyone
+# else, and expired ones taken over since, are left alone. Returns how many were ended.
+_RELEASE_LEASES_LUA = """
+local released = 0
+for i = 2, #ARGV do
+  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[1] then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('HDEL', KEYS[2], ARGV[i])
+    released = released + 1
+  end
+end
+return released
+"""
+
 # Marks one shard of a ranking done; when it is the last one, makes that ranking live unless a
 # newer one already is. Returns 1 when this call made the ranking live.
 _SHARD_DONE_LUA = """
@@ -159,6 +173,20 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# Raises a number key to ARGV[1] (never lowers it): a newer request on more labels wins.
+_RAISE_TO_LUA = """
+local value = redis.call('GET', KEYS[1])
+if not value or tonumber(value) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+return redis.call('GET', KEYS[1])
+"""
+
+# Deletes a number key only while its value is at most ARGV[1] (a larger, newer request is kept).
+_DELETE_IF_AT_MOST_LUA = """
+local value = redis.call('GET', KEYS[1])
+if value and tonumber(value) <= tonumber(ARGV[1]) then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 
 class ProjectState:
     """Redis operations of one project; every method is safe to repeat."""
@@ -169,9 +197,12 @@ class ProjectState:
         # How votes become training labels; None: the registered project's (or 'latest').
         self.label_policy = label_policy
         self._lease = r.register_script(_LEASE_LUA)
+        self._release_leases = r.register_script(_RELEASE_LEASES_LUA)
         self._apply_votes = r.register_script(_APPLY_VOTES_LUA)
         self._shard_done = r.register_script(_SHARD_DONE_LUA)
         self._release_if = r.register_script(_DELETE_IF_EQUAL_LUA)
+        self._delete_if_at_most = r.register_script(_DELETE_IF_AT_MOST_LUA)
+        self._raise_to = r.register_script(_RAISE_TO_LUA)
 
     def key(self, *parts: object) -> str:
         return redis_key(self.project, *parts)
@@ -253,6 +284,13 @@ class ProjectState:
         flat = self._lease(keys=[ranking, self.key("pool"), self.key("leases"), self.key("lease_owner")],
                            args=[n, now, now + ttl_s, f"{token} {labeler}", page])
         return [(flat[i].decode(), float(flat[i + 1]) if flat[i + 1] else None) for i in range(0, len(flat), 2)]
+
+    def release(self, sample_ids: list[str], *, token: str, labeler: str) -> int:
+        """End the leases held under token by labeler on sample_ids, at once; how many were ended."""
+        if not sample_ids:
+            return 0
+        return int(self._release_leases(keys=[self.key("leases"), self.key("lease_owner")],
+                                        args=[f"{token} {labeler}", *sample_ids]))
 
     def lease_holder(self, sample_id: str, now: float | None = None) -> tuple[str, str] | None:
         """(token, labeler) of a live lease on the sample, None when it is not leased."""
@@ -467,6 +505,23 @@ class ProjectState:
         if job_id is None:
             return bool(self.r.delete(self.key("train_queued")))
         return bool(self._release_if(keys=[self.key("train_queued")], args=[job_id]))
+
+    def request_forced_training(self, labeled: int) -> None:
+        """Remember that training on `labeled` labels was asked for, even short of query_size.
+
+        The request outlives the train job it queues: if that job's trainer dies, the reconciler
+        still sees training as due, and a later round that covers the labels clears it.
+        """
+        self._raise_to(keys=[self.key("train_forced")], args=[labeled])
+
+    def forced_training_pending(self) -> bool:
+        """True while a forced-training request covers labels the current model has not seen."""
+        value = self.r.get(self.key("train_forced"))
+        return value is not None and int(value) > self.model_labels()
+
+    def clear_forced_training(self, trained_on: int) -> None:
+        """A model on `trained_on` labels answers every forced request up to that many labels."""
+        self._delete_if_at_most(keys=[self.key("train_forced")], args=[trained_on])
 
     def wipe(self) -> None:
         """Delete every Redis key of the project (object storage is untouched)."""

@@ -106,6 +106,7 @@ def _train_locked(project: Project, *, state: ProjectState, store: ObjectStore, 
     base = state.model_labels()
     pointer = read_pointer(store, name)
     has_model = pointer is not None or state.model_version() > 0
+    force = force or state.forced_training_pending()
     if not labels or (has_model and len(labels) - base < (1 if force else project.query_size)):
         log.info("%s: %d labels, %d at the current model: nothing to train", name, len(labels), base)
         return {"project": name, "trained": False, "labeled": len(labels), "model_labels": base}
@@ -168,6 +169,7 @@ def _train_locked(project: Project, *, state: ProjectState, store: ObjectStore, 
         store.put_json(keys.current_model_key(name),
                        {"version": version, "n_labeled": len(labels), "key": keys.checkpoint_key(name, version)})
     state.set_model(version, len(labels), point.model_dump_json())
+    state.clear_forced_training(len(labels))
     log.info("%s: v%d on %d labels: test accuracy %s, %d epochs in %.1fs", name, version, len(labels),
              "n/a" if accuracy is None else f"{accuracy:.4f}", fitted.epochs, train_s)
     return {"project": name, "trained": True, "version": version, "n_labeled": len(labels),

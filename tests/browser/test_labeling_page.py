@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -244,3 +245,24 @@ def test_the_page_mid_labeling_with_a_trained_model(pages, make_project, admin, 
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT))
     assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_closing_the_page_hands_its_images_back(pages, make_project, admin):
+    """Images a closed page was served but not labeled go to the next labeler at once, not after the lease TTL."""
+    project = make_project("ui-close", pool=12, offset=270)
+    ada = pages.open(f"/ui/?project={project.name}", token="t-ada")
+    first = shown(ada)
+    skipped = press_and_wait(ada, project.truth[first], first)
+    press_and_wait(ada, "s", skipped)
+    expect(ada.locator("#stat-labeled")).to_have_text("1")
+    assert project.counts(admin)["leased"] >= 2
+
+    ada.close(run_before_unload=True)
+    deadline = time.monotonic() + 10
+    while project.counts(admin)["leased"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert project.counts(admin) == {"pool": 11, "labeled": 1, "leased": 0, "test": 0}
+
+    # The image ada skipped is the top of the ranking again, so it is the first one bob sees.
+    bob = pages.open(f"/ui/?project={project.name}", token="t-bob")
+    assert shown(bob) == skipped

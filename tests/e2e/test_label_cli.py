@@ -90,6 +90,8 @@ def test_label_and_export_from_the_terminal(api_url: str, tmp_path: Path) -> Non
 
     info = api.get("/projects/pets", headers=ADMIN).json()
     assert info["counts"]["labeled"] == 2 and info["counts"]["pool"] == 4
+    # On q, the skipped sample, the one shown and the two still queued were handed back.
+    assert info["counts"]["leased"] == 0
     assert info.get("labelers", {"ann": 2}) == {"ann": 2}
 
     # Export through the CLI: the token from --token or ALPIPE_TOKEN, streamed into the file.
@@ -139,6 +141,7 @@ class StubApi:
         self.samples = [f"{i:064x}" for i in range(n_samples)]
         self.undo_status = undo_status
         self.labels: dict[str, str] = {}
+        self.released: list[str] = []
         self.calls: list[tuple[str, str]] = []
 
     def url(self, path: str) -> str:
@@ -160,6 +163,9 @@ class StubApi:
         if method == "GET":
             return {"project": {"classes": self.classes}, "counts": {"labeled": len(self.labels), "pool": 9},
                     "model": {"version": 3}}
+        if method == "POST" and path.endswith("/leases/release"):
+            self.released.extend(kwargs["json"]["sample_ids"])
+            return {"released": len(kwargs["json"]["sample_ids"])}
         if method == "POST":
             for item in kwargs["json"]["labels"]:
                 self.labels[item["sample_id"]] = item["label"]
@@ -208,6 +214,15 @@ def test_undo_on_an_api_without_it_keeps_the_label(status: int) -> None:
     assert "the label 'dog' stays" in out
     assert list(api.labels.values()) == ["dog", "fox"]
     assert session.labeled == 2 and session.undone == 0
+
+
+def test_unlabeled_samples_are_handed_back_at_the_end() -> None:
+    api = StubApi(CLASSES, n_samples=4)
+    s0, s1, s2, s3 = api.samples
+    session, _ = run_session(api, ["s", "1"])  # then the input ends while the second batch's first shows
+    assert session.labeled == 1 and session.skipped == 1 and list(api.labels) == [s1]
+    # The skipped one, the one shown when the input ended, and the one still queued.
+    assert api.released == [s0, s2, s3]
 
 
 def test_an_empty_pool_ends_the_session() -> None:

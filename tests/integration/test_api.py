@@ -358,6 +358,39 @@ def test_expired_leases_return_to_the_pool(app_for, local: ObjectStore, folder: 
     assert [s["sample_id"] for s in again["samples"]] == [s["sample_id"] for s in everything["samples"][:5]]
 
 
+def test_released_leases_go_to_the_next_labeler_at_once(app_for, local: ObjectStore, folder: Path) -> None:
+    client = app_for(local)
+    new_project(client)
+    import_folder(client, "pets", folder)
+    ann = client.get("/projects/pets/queries", params={"n": 24, "labeler": "ann"}).json()
+    ids = [s["sample_id"] for s in ann["samples"]]
+    labeled = {"sample_id": ids[0], "label": "cat", "lease_token": ann["lease_token"]}
+    assert client.post("/projects/pets/labels", json={"labels": [labeled], "labeler": "ann"}).status_code == 200
+    assert client.get("/projects/pets/queries", params={"n": 5, "labeler": "bob"}).json()["samples"] == []
+
+    release = {"lease_token": ann["lease_token"], "labeler": "ann"}
+    wrong_token = client.post("/projects/pets/leases/release", json={**release, "lease_token": "nope",
+                                                                     "sample_ids": ids})
+    assert wrong_token.json() == {"released": 0}
+    # The labeled sample and an unknown id are no leases to end; repeats count once.
+    handed_back = client.post("/projects/pets/leases/release",
+                              json={**release, "sample_ids": ids[:5] + ids[1:3] + ["not-a-sample"]})
+    assert handed_back.status_code == 200, handed_back.text
+    assert handed_back.json() == {"released": 4}
+    assert client.post("/projects/pets/leases/release", json={**release, "sample_ids": ids[:5]}).json() == {
+        "released": 0}  # safe to repeat
+    assert client.get("/projects/pets").json()["counts"]["leased"] == 19
+    assert 'alpipe_samples_released_total{project="pets"} 4.0' in client.get("/metrics").text
+    bob = client.get("/projects/pets/queries", params={"n": 5, "labeler": "bob"}).json()
+    assert {s["sample_id"] for s in bob["samples"]} == set(ids[1:5])
+
+    for bad in ({"lease_token": "t", "sample_ids": []}, {"sample_ids": ids[:1]},
+                {"lease_token": "t", "sample_ids": ids[:1], "extra": 1}):
+        response = client.post("/projects/pets/leases/release", json=bad)
+        assert response.status_code == 422, bad
+    assert client.post("/projects/nope/leases/release", json={**release, "sample_ids": ids[:1]}).status_code == 404
+
+
 def test_cold_start_order_is_deterministic_for_a_seed(app_for, local: ObjectStore, folder: Path) -> None:
     client = app_for(local)
     orders = {}
@@ -435,6 +468,40 @@ def test_labels_are_durable_before_redis_and_the_answer(client: TestClient, stor
     assert len(label_log(store, "pets")) == 2
     assert seen_at_apply[-1] == (label_log(store, "pets"), 1)
     assert state.labels()[ids[0]] == "fox"
+
+
+def test_a_train_request_outlives_its_lost_job(client: TestClient, store: ObjectStore, folder: Path,
+                                              redis_client) -> None:
+    """POST /train on a partial batch; the job is lost (its trainer died): the reconciler queues it again."""
+    from rq.job import Job
+
+    from alpipe import pipeline
+
+    new_project(client, query_size=10)
+    import_folder(client, "pets", folder)
+    query = client.get("/projects/pets/queries", params={"n": 3, "labeler": "ann"}).json()
+    labels = [{"sample_id": s["sample_id"], "label": "cat", "lease_token": query["lease_token"]}
+              for s in query["samples"]]
+    assert client.post("/projects/pets/labels", json={"labels": labels, "labeler": "ann"}).status_code == 200
+    state = ProjectState(redis_client, "pets")
+    assert not state.forced_training_pending()
+
+    first = client.post("/projects/pets/train")
+    assert first.status_code == 202
+    assert first.json() == {"job_id": "train-pets-n3", "labeled": 3, "model_labels": 0}
+    assert client.post("/projects/pets/train").json()["job_id"] is None  # coalesced with the queued one
+    assert state.forced_training_pending()
+
+    Job.fetch("train-pets-n3", connection=redis_client).delete()  # gone with its worker
+    settings = client.app.state.settings
+    report = pipeline.reconcile(redis_client, store, settings)
+    assert report["train"] == {"pets": "train-pets-n3-a2"}
+
+    # A model on those 3 labels answers the request: nothing is due any more.
+    state.set_model(1, 3, json.dumps({"model_version": 1, "n_labeled": 3}))
+    state.clear_forced_training(3)
+    assert not state.forced_training_pending()
+    assert not pipeline.train_due(state, pipeline.load_project(store, "pets"))
 
 
 def test_bad_label_batches_write_nothing(client: TestClient, store: ObjectStore, folder: Path,

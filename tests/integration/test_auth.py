@@ -54,7 +54,7 @@ def test_no_token_or_an_unknown_one_is_401(client: TestClient, projects: dict) -
     for headers in ({}, auth("t-wrong"), auth(""), {"Authorization": f"Basic {ADMIN}"}, {"Authorization": ADMIN}):
         for method, path in [("GET", "/projects"), ("GET", "/projects/pets"), ("GET", "/me"),
                              ("GET", "/projects/pets/queries"), ("POST", "/projects/pets/train"),
-                             ("DELETE", "/projects/pets/labels/abc"),
+                             ("DELETE", "/projects/pets/labels/abc"), ("POST", "/projects/pets/leases/release"),
                              ("GET", "/projects/nope/curve")]:
             response = client.request(method, path, headers=headers)
             assert response.status_code == 401, (headers, path, response.text)
@@ -118,6 +118,7 @@ def test_labelers_see_and_use_only_their_projects(client: TestClient, projects: 
         ("GET", f"/projects/secret/samples/{secret_id}/image", {}),
         ("POST", "/projects/secret/labels", {"json": {"labels": [{"sample_id": secret_id, "label": "cat"}]}}),
         ("DELETE", f"/projects/secret/labels/{secret_id}", {}),
+        ("POST", "/projects/secret/leases/release", {"json": {"lease_token": "x", "sample_ids": [secret_id]}}),
         ("GET", "/projects/nope", {}),  # not granted: no telling whether it exists
     ]:
         response = client.request(method, path, headers=auth(ADA), **kwargs)
@@ -171,6 +172,19 @@ def test_labels_are_recorded_as_the_token_holder(client: TestClient, projects: d
     undone = client.delete(f"/projects/pets/labels/{ids[1]}", headers=auth(ADA))
     assert undone.status_code == 200, undone.text
     assert state.lease_holder(ids[1]) == (undone.json()["lease_token"], "ada")
+
+
+def test_only_the_holder_releases_its_leases(client: TestClient, projects: dict) -> None:
+    state = ProjectState(client.app.state.clients.redis, "pets")
+    query = client.get("/projects/pets/queries", params={"n": 2}, headers=auth(ADA)).json()
+    body = {"lease_token": query["lease_token"], "sample_ids": [s["sample_id"] for s in query["samples"]]}
+    # Bob has ada's lease token (it leaked): still not his leases.
+    assert client.post("/projects/pets/leases/release", json=body, headers=auth(BOB)).json() == {"released": 0}
+    as_ada = client.post("/projects/pets/leases/release", json={**body, "labeler": "ada"}, headers=auth(BOB))
+    assert as_ada.status_code == 403 and "cannot label as 'ada'" in as_ada.json()["detail"]
+    assert all(state.lease_holder(sid) == (query["lease_token"], "ada") for sid in body["sample_ids"])
+    assert client.post("/projects/pets/leases/release", json=body, headers=auth(ADA)).json() == {"released": 2}
+    assert all(state.lease_holder(sid) is None for sid in body["sample_ids"])
 
 
 def test_image_and_curve_take_the_token_as_a_query_parameter(client: TestClient, projects: dict) -> None:

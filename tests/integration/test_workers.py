@@ -32,6 +32,7 @@ from rq.registry import FinishedJobRegistry
 from alpipe import keys, pipeline, trainer_core
 from alpipe.checkpoints import read_checkpoint, read_pointer, stored_versions
 from alpipe.config import Settings
+from alpipe.projects import request_training
 from alpipe.schemas import CurvePointOut, Project, TrainOptions
 from alpipe.state import ProjectState
 from alpipe.storage import LocalStore, ObjectStore, S3Store
@@ -387,7 +388,13 @@ def test_scorer_killed_mid_shard_is_replaced(redis_url, redis_client, local_stor
     assert len(scored) == len(pool) and {m.decode() for m, _ in scored} == pool
 
 
-def test_trainer_killed_mid_fit_leaves_no_partial_model(redis_url, redis_client, local_store, workers):
+@pytest.mark.parametrize("second_batch", [10, 4], ids=["full-batch", "forced-partial-batch"])
+def test_trainer_killed_mid_fit_leaves_no_partial_model(redis_url, redis_client, local_store, workers,
+                                                        second_batch):
+    """A full batch queues itself; a partial one (4 < query_size 10) is queued by POST /train.
+
+    Either way the reconciler replaces the killed trainer's round.
+    """
     r = redis_client
     settings = make_settings(redis_url, store_settings(local_store))
     setup = make_project(local_store, r)
@@ -395,8 +402,14 @@ def test_trainer_killed_mid_fit_leaves_no_partial_model(redis_url, redis_client,
     give_labels(local_store, setup, 20, batch="b1")
     assert in_process_trainer_round(local_store, r, settings, name)["version"] == 1
     pointer_v1 = read_pointer(local_store, name)
-    give_labels(local_store, setup, 10, batch="b2")
-    assert pipeline.maybe_enqueue_train(r, setup.project, settings=settings) == f"train-{name}-n30"
+    give_labels(local_store, setup, second_batch, batch="b2")
+    total = 20 + second_batch
+    if second_batch < setup.project.query_size:
+        assert pipeline.maybe_enqueue_train(r, setup.project, settings=settings) is None  # not due on its own
+        requested = request_training(r, setup.project, settings=settings)
+        assert requested.job_id == f"train-{name}-n{total}" and requested.model_labels == 20
+    else:
+        assert pipeline.maybe_enqueue_train(r, setup.project, settings=settings) == f"train-{name}-n{total}"
 
     w = workers(settings)
     slow = w.start("trainer", "trainer-slow", ALPIPE_TEST_TRAIN_EPOCH_DELAY_S="60")
@@ -433,8 +446,11 @@ def test_trainer_killed_mid_fit_leaves_no_partial_model(redis_url, redis_client,
     assert any(name in rep["train"] for rep in reports), reports
     assert assert_checkpoints_sound(local_store, name) == [1, 2]
     pointer = read_pointer(local_store, name)
-    assert pointer["version"] == 2 and pointer["n_labeled"] == 30
+    assert pointer["version"] == 2 and pointer["n_labeled"] == total
     assert [p["model_version"] for p in setup.state.curve()] == [1, 2]
+    # The model answered the request: nothing is due any more.
+    assert not setup.state.forced_training_pending()
+    assert not pipeline.train_due(setup.state, setup.project)
 
 
 def test_jobs_run_twice_change_nothing(redis_url, redis_client, local_store):

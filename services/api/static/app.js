@@ -32,6 +32,7 @@
     gen: 0, // bumped when the project changes: answers for an older one are dropped
     queue: [], // leased samples, images preloading or ready
     current: null,
+    skipped: [], // leased samples passed over with s; handed back when the page is left
     refilling: null,
     refillError: null, // why the last query failed, until one succeeds
     exhausted: false,
@@ -303,7 +304,27 @@
 
   // --- labeling ------------------------------------------------------------------------------
 
+  // Hand the leases of images this page was served but not labeled (queued, shown, skipped) back
+  // to the pool, so other labelers get them now rather than when the leases expire. keepalive
+  // lets the request outlive a page that is being closed.
+  function handBack() {
+    if (!state.name) return;
+    const byToken = new Map();
+    for (const item of [...state.queue, state.current, ...state.skipped]) {
+      if (!item || !item.lease_token) continue;
+      if (!byToken.has(item.lease_token)) byToken.set(item.lease_token, []);
+      byToken.get(item.lease_token).push(item.sample_id);
+    }
+    const headers = { ...authHeaders(), "Content-Type": "application/json" };
+    for (const [token, ids] of byToken) {
+      const body = JSON.stringify({ lease_token: token, sample_ids: ids, labeler: state.labeler });
+      fetch(apiUrl(projectPath("/leases/release")), { method: "POST", headers, body, keepalive: true })
+        .catch(() => { /* the leases then expire on their own */ });
+    }
+  }
+
   function leaveProject() {
+    handBack();
     state.gen += 1;
     window.clearInterval(state.pollTimer);
     window.clearTimeout(state.emptyTimer);
@@ -311,7 +332,8 @@
     if (state.current) releaseImage(state.current);
     for (const entry of state.history) releaseImage(entry.item);
     Object.assign(state, {
-      queue: [], current: null, refilling: null, refillError: null, exhausted: false, history: [], mine: 0,
+      queue: [], current: null, skipped: [], refilling: null, refillError: null, exhausted: false, history: [],
+      mine: 0,
       labeled: null, labeledAt: 0, poolTotal: 0, querySize: null, modelLabels: 0,
       project: null, name: null, pollTimer: null, emptyTimer: null,
     });
@@ -638,6 +660,7 @@
     if (!state.current) return;
     flash($("skip-btn"));
     releaseImage(state.current);
+    state.skipped.push(state.current);
     showNext();
   }
 
@@ -864,6 +887,7 @@
       }
     });
     document.addEventListener("visibilitychange", () => { if (document.visibilityState === "visible") poll(); });
+    window.addEventListener("pagehide", () => handBack());
 
     state.token = load(STORAGE.token);
     let me;
