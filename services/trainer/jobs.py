@@ -58,5 +58,5 @@ def train(payload: dict) -> dict:
     ctx = context()
     current = get_current_job()
     return trainer_core.train_project(job.project, r=ctx.redis, store=ctx.store, tensors=ctx.tensors,
-                                      device=ctx.device, settings=ctx.settings, force=job.force,
+                                      device=ctx.device, settings=ctx.settings,
                                       job_id=current.id if current is not None else None)

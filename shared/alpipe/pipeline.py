@@ -239,15 +239,19 @@ def enqueue_job(r: redis.Redis, queue_name: str, func: str, payload: dict, job_i
 # --- training ---------------------------------------------------------------------------------------
 
 
-def train_due(state: ProjectState, project: Project) -> bool:
-    """query_size labels arrived since the current model's labels (any labels count with no model),
-    or any new label while a forced-training request (POST /projects/{p}/train) is pending."""
-    unseen = state.counts()["labeled"] - state.model_labels()
+def train_due(state: ProjectState, project: Project, *, labeled: int | None = None) -> bool:
+    """query_size labels arrived since the current model's labels, or any new label while a
+    training request (POST /projects/{p}/train) is pending. labeled: the count, when read already.
+
+    The one rule for the API, the reconciler and the trainer; the request lives in Redis (not in a
+    job), so it survives a trainer that dies with the job.
+    """
+    labeled = state.counts()["labeled"] if labeled is None else labeled
+    unseen = labeled - state.model_labels()
     return unseen >= project.query_size or (unseen >= 1 and state.forced_training_pending())
 
 
-def maybe_enqueue_train(r: redis.Redis, project: Project, *, settings: Settings | None = None,
-                        force: bool = False) -> str | None:
+def maybe_enqueue_train(r: redis.Redis, project: Project, *, settings: Settings | None = None) -> str | None:
     """Enqueue one train job when training is due and no other one is queued; its job id, or None.
 
     Called by the API after labels are applied and by the trainer after a round. The project's
@@ -255,14 +259,11 @@ def maybe_enqueue_train(r: redis.Redis, project: Project, *, settings: Settings 
     one train job per project waiting; concurrent callers race on the slot, not on the queue.
     While a trainer holds the project's train lock nothing is queued: that trainer calls this
     again after releasing the lock, so labels applied before this call are never left behind.
-    force (POST /projects/{p}/train) queues a job for any new label, e.g. a last partial batch;
-    a pending forced-training request (see ProjectState.request_forced_training) does the same.
     """
     settings = settings or get_settings()
     state = ProjectState(r, project.name)
-    force = force or state.forced_training_pending()
     labeled = state.counts()["labeled"]
-    if labeled - state.model_labels() < (1 if force else project.query_size):
+    if not train_due(state, project, labeled=labeled):
         return None
     if r.exists(keys.train_lock_key(project.name)):
         return None
@@ -283,7 +284,7 @@ def maybe_enqueue_train(r: redis.Redis, project: Project, *, settings: Settings 
         pipe.hincrby(attempts_key, labeled, 1)
         pipe.expire(attempts_key, 24 * 3600)
         pipe.execute()
-        payload = TrainJob(project=project.name, requested_at=time.time(), force=force).model_dump(mode="json")
+        payload = TrainJob(project=project.name, requested_at=time.time()).model_dump(mode="json")
         enqueue_job(r, keys.QUEUE_TRAIN, TRAIN_FUNC, payload, job_id, settings=settings,
                     description=f"train {project.name} on {labeled} labels")
     except BaseException:

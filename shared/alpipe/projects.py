@@ -545,7 +545,7 @@ def request_training(r: redis.Redis, project: Project, *, settings: Settings) ->
     labeled = state.counts()["labeled"]
     if labeled > state.model_labels():
         state.request_forced_training(labeled)  # outlives the job: the reconciler re-queues it
-    job_id = maybe_enqueue_train(r, project, settings=settings, force=True)
+    job_id = maybe_enqueue_train(r, project, settings=settings)
     return TrainRequestResult(job_id=job_id, labeled=state.counts()["labeled"], model_labels=state.model_labels())
 
 

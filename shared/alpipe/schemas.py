@@ -153,7 +153,6 @@ class CurvePointOut(BaseModel):
 class TrainJob(BaseModel):
     project: str
     requested_at: float
-    force: bool = Field(False, description="train on any new label, not only after query_size of them")
 
 
 class TrainRequestResult(BaseModel):

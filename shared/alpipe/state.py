@@ -177,7 +177,6 @@ return 0
 _RAISE_TO_LUA = """
 local value = redis.call('GET', KEYS[1])
 if not value or tonumber(value) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
-return redis.call('GET', KEYS[1])
 """
 
 # Deletes a number key only while its value is at most ARGV[1] (a larger, newer request is kept).
@@ -516,8 +515,8 @@ class ProjectState:
 
     def forced_training_pending(self) -> bool:
         """True while a forced-training request covers labels the current model has not seen."""
-        value = self.r.get(self.key("train_forced"))
-        return value is not None and int(value) > self.model_labels()
+        requested, model_labels = self.r.mget(self.key("train_forced"), self.key("model_labels"))
+        return requested is not None and int(requested) > int(model_labels or 0)
 
     def clear_forced_training(self, trained_on: int) -> None:
         """A model on `trained_on` labels answers every forced request up to that many labels."""

@@ -33,7 +33,7 @@ from .checkpoints import checkpoint_bytes, read_checkpoint, read_pointer, stored
 from .config import Settings
 from .data import GRAYSCALE_MODES
 from .models import build_model, get_model_spec, model_in_channels
-from .pipeline import enqueue_scoring, load_project, maybe_enqueue_train, train_lock
+from .pipeline import enqueue_scoring, load_project, maybe_enqueue_train, train_due, train_lock
 from .schemas import CurvePointOut, Project
 from .state import ProjectState
 from .storage import ObjectStore
@@ -72,7 +72,7 @@ def _split(labels: dict[str, str], classes: list[str], *, project: str, what: st
 
 
 def train_project(name: str, *, r: redis.Redis, store: ObjectStore, tensors: TensorCache, device: torch.device,
-                  settings: Settings, job_id: str | None = None, force: bool = False,
+                  settings: Settings, job_id: str | None = None,
                   on_epoch: Callable[[int, float, float | None], None] | None = None) -> dict:
     """One training round of project `name` (see the module docstring); returns what it did.
 
@@ -87,7 +87,7 @@ def train_project(name: str, *, r: redis.Redis, store: ObjectStore, tensors: Ten
         if job_id is not None:
             state.release_train_slot(job_id)
         result = _train_locked(project, state=state, store=store, tensors=tensors, device=device,
-                               settings=settings, force=force, on_epoch=on_epoch)
+                               settings=settings, on_epoch=on_epoch)
         if result["trained"]:
             result["shards"] = enqueue_scoring(r, store, project, result["version"], settings=settings)
     finally:
@@ -99,15 +99,14 @@ def train_project(name: str, *, r: redis.Redis, store: ObjectStore, tensors: Ten
 
 
 def _train_locked(project: Project, *, state: ProjectState, store: ObjectStore, tensors: TensorCache,
-                  device: torch.device, settings: Settings, force: bool,
+                  device: torch.device, settings: Settings,
                   on_epoch: Callable[[int, float, float | None], None] | None) -> dict:
     name = project.name
     labels = state.labels()
     base = state.model_labels()
     pointer = read_pointer(store, name)
     has_model = pointer is not None or state.model_version() > 0
-    force = force or state.forced_training_pending()
-    if not labels or (has_model and len(labels) - base < (1 if force else project.query_size)):
+    if not labels or (has_model and not train_due(state, project, labeled=len(labels))):
         log.info("%s: %d labels, %d at the current model: nothing to train", name, len(labels), base)
         return {"project": name, "trained": False, "labeled": len(labels), "model_labels": base}
 

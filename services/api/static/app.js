@@ -309,9 +309,10 @@
   // lets the request outlive a page that is being closed.
   function handBack() {
     if (!state.name) return;
+    const now = Date.now() / 1000;
     const byToken = new Map();
     for (const item of [...state.queue, state.current, ...state.skipped]) {
-      if (!item || !item.lease_token) continue;
+      if (!item || !item.lease_token || !stillLeased(item, now)) continue;
       if (!byToken.has(item.lease_token)) byToken.set(item.lease_token, []);
       byToken.get(item.lease_token).push(item.sample_id);
     }
@@ -322,6 +323,8 @@
         .catch(() => { /* the leases then expire on their own */ });
     }
   }
+
+  const stillLeased = (item, now) => !item.expires_at || item.expires_at > now;
 
   function leaveProject() {
     handBack();
@@ -660,6 +663,9 @@
     if (!state.current) return;
     flash($("skip-btn"));
     releaseImage(state.current);
+    // Only skips whose lease still runs are worth handing back; the rest already went back.
+    const now = Date.now() / 1000;
+    state.skipped = state.skipped.filter((item) => stillLeased(item, now));
     state.skipped.push(state.current);
     showNext();
   }
@@ -685,7 +691,7 @@
           projectPath(`/labels/${encodeURIComponent(entry.item.sample_id)}`),
           { method: "DELETE", query: { labeler: state.labeler } },
         ));
-        if (res && res.lease_token) entry.item.lease_token = res.lease_token;
+        if (res && res.lease_token) Object.assign(entry.item, { lease_token: res.lease_token, expires_at: null });
         if (res && typeof res.labeled === "number") setLabeled(res.labeled);
       } catch (error) {
         reportError(error, "Undo failed");
