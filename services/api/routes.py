@@ -150,7 +150,8 @@ async def upload_sample(request: Request, response: Response, project: ProjectDe
     """Upload one image (multipart field `file`); re-uploading the same bytes is a no-op."""
     upload = await _read_upload(request, max_bytes=settings.max_upload_bytes)
     result = await run_in_threadpool(projects.add_upload, project, upload.data, filename=upload.filename,
-                                     label=upload.label, split=upload.split, store=store, r=r)
+                                     label=upload.label, split=upload.split, store=store, r=r,
+                                     settings=settings)
     if result.created:
         metrics.samples_added.labels(project.name, result.split).inc()
     else:
@@ -161,8 +162,10 @@ async def upload_sample(request: Request, response: Response, project: ProjectDe
 @router.post("/projects/{name}/samples/import", tags=["samples"], dependencies=_ADMIN, responses=_FORBIDDEN)
 def import_samples(body: ImportRequest, project: ProjectDep, r: RedisDep, store: StoreDep,
                    settings: SettingsDep, metrics: MetricsDep) -> ImportResult:
-    """Import a built-in dataset (mnist5k, digits) or an ImageFolder on the server, with a test split."""
-    result = projects.import_dataset(project, body, store=store, r=r, cache_dir=settings.data_dir / "datasets")
+    """Import a built-in dataset (mnist5k, digits, photos) or an ImageFolder on the server, with a test split.
+
+    In embedding mode this also queues the embedding pass over the new images."""
+    result = projects.import_dataset(project, body, store=store, r=r, settings=settings)
     metrics.samples_added.labels(project.name, "pool").inc(result.pool)
     metrics.samples_added.labels(project.name, "test").inc(result.test)
     return result

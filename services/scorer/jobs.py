@@ -1,4 +1,4 @@
-"""rq job functions of the scorer: parse the payload, call the core with this process's collaborators.
+"""rq job functions of the scorer (score shards, embedding shards): parse the payload, call the core.
 
 Enqueued by dotted path (`services.scorer.jobs.score_shard`), so the API never imports this module.
 The process keeps its models and decoded images from one job to the next.
@@ -13,8 +13,9 @@ from rq import get_current_job
 
 from alpipe import scoring
 from alpipe.config import Settings, get_settings
+from alpipe.embeddings import EmbeddingCache
 from alpipe.errors import UserError
-from alpipe.schemas import ScoreJob
+from alpipe.schemas import EmbedJob, ScoreJob
 from alpipe.storage import ObjectStore, open_store
 from alpipe.tensor_cache import TensorCache
 from alpipe.training import resolve_device
@@ -29,6 +30,7 @@ class ScorerContext:
     store: ObjectStore
     models: scoring.ModelCache
     tensors: TensorCache
+    embeddings: EmbeddingCache
 
 
 _context: ScorerContext | None = None
@@ -44,7 +46,8 @@ def configure(settings: Settings, *, redis_client: redis.Redis | None = None,
         redis_client = redis.Redis.from_url(settings.redis_url)
     _context = ScorerContext(settings=settings, redis=redis_client, store=store or open_store(settings),
                              models=scoring.ModelCache(device=resolve_device(settings.device)),
-                             tensors=TensorCache.from_megabytes(settings.tensor_cache_mb))
+                             tensors=TensorCache.from_megabytes(settings.tensor_cache_mb),
+                             embeddings=EmbeddingCache(settings.embedding_cache_mb * 1024 * 1024))
     return _context
 
 
@@ -58,7 +61,16 @@ def score_shard(payload: dict) -> dict:
     ctx = context()
     current = get_current_job()
     return scoring.score_shard(job, r=ctx.redis, store=ctx.store, models=ctx.models, tensors=ctx.tensors,
-                               batch_size=ctx.settings.score_batch_size,
+                               embeddings=ctx.embeddings, batch_size=ctx.settings.score_batch_size,
                                heartbeat_ttl_s=ctx.settings.heartbeat_ttl_s,
                                job_id=current.id if current is not None else None,
                                delay_s=ctx.settings.test_score_delay_s)
+
+
+def embed_shard(payload: dict) -> dict:
+    """rq job: embed one shard of a project's embedding pass."""
+    job = EmbedJob.model_validate(payload)
+    ctx = context()
+    current = get_current_job()
+    return scoring.embed_shard(job, r=ctx.redis, store=ctx.store, embeddings=ctx.embeddings, device=ctx.models.device,
+                               settings=ctx.settings, job_id=current.id if current is not None else None)

@@ -13,6 +13,7 @@ from rq import get_current_job
 
 from alpipe import trainer_core
 from alpipe.config import Settings, get_settings
+from alpipe.embeddings import EmbeddingCache
 from alpipe.errors import UserError
 from alpipe.schemas import TrainJob
 from alpipe.storage import ObjectStore, open_store
@@ -29,6 +30,7 @@ class TrainerContext:
     store: ObjectStore
     tensors: TensorCache
     device: torch.device
+    embeddings: EmbeddingCache
 
 
 _context: TrainerContext | None = None
@@ -44,7 +46,8 @@ def configure(settings: Settings, *, redis_client: redis.Redis | None = None,
         redis_client = redis.Redis.from_url(settings.redis_url)
     _context = TrainerContext(settings=settings, redis=redis_client, store=store or open_store(settings),
                               tensors=TensorCache.from_megabytes(settings.tensor_cache_mb),
-                              device=resolve_device(settings.device))
+                              device=resolve_device(settings.device),
+                              embeddings=EmbeddingCache(settings.embedding_cache_mb * 1024 * 1024))
     return _context
 
 
@@ -58,5 +61,5 @@ def train(payload: dict) -> dict:
     ctx = context()
     current = get_current_job()
     return trainer_core.train_project(job.project, r=ctx.redis, store=ctx.store, tensors=ctx.tensors,
-                                      device=ctx.device, settings=ctx.settings,
+                                      device=ctx.device, settings=ctx.settings, embeddings=ctx.embeddings,
                                       job_id=current.id if current is not None else None)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import keys
+from .embeddings import BackboneIdentity, build_head
 from .errors import NotFound
 from .models import ModelSpec, build_model, get_model_spec
 from .storage import ObjectStore
@@ -26,10 +27,11 @@ class LoadedModel:
 
     project: str
     version: int
-    model: nn.Module
-    spec: ModelSpec
+    model: nn.Module  # in embedding mode, the head
+    spec: ModelSpec | None  # None in embedding mode: the model takes embeddings, not images
     in_channels: int
     classes: list[str]
+    backbone: BackboneIdentity | None = None  # embedding mode's frozen backbone
 
 
 def checkpoint_bytes(checkpoint: dict) -> bytes:
@@ -58,10 +60,17 @@ def stored_versions(store: ObjectStore, project: str) -> list[int]:
 
 
 def model_from_checkpoint(checkpoint: dict, *, project: str, device: torch.device) -> LoadedModel:
-    spec = get_model_spec(checkpoint["model_name"])
-    model = build_model(spec.name, len(checkpoint["classes"]), in_channels=checkpoint["in_channels"],
-                        pretrained=False)
+    """The checkpoint's model (in embedding mode its head) on device, in eval mode."""
+    n_classes = len(checkpoint["classes"])
+    if checkpoint.get("mode") == "embedding":
+        backbone = BackboneIdentity.from_dict(checkpoint["backbone"])
+        model: nn.Module = build_head(int(checkpoint["head"]["dim"]), n_classes,
+                                      hidden=int(checkpoint["head"]["hidden"]))
+        spec = None
+    else:
+        backbone, spec = None, get_model_spec(checkpoint["model_name"])
+        model = build_model(spec.name, n_classes, in_channels=checkpoint["in_channels"], pretrained=False)
     model.load_state_dict(checkpoint["model"])
     model.to(device).eval()
     return LoadedModel(project, int(checkpoint["model_version"]), model, spec, int(checkpoint["in_channels"]),
-                       list(checkpoint["classes"]))
+                       list(checkpoint["classes"]), backbone)

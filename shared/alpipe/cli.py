@@ -55,7 +55,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     config = ExperimentConfig(
         dataset=args.dataset, strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
         seeds=args.seeds, initial=args.initial, query_size=args.query_size, budget=args.budget,
-        model=args.model, pretrained=not args.no_pretrained, weights=args.weights, pool_size=args.pool_size,
+        model=args.model, pretrained=not args.no_pretrained, weights=args.weights, finetune=args.finetune,
+        input_size=args.input_size, pool_size=args.pool_size,
         test_fraction=args.test_fraction, split_seed=args.split_seed, train=_train_config(args),
         device=args.device or settings.device)
     config.validate()
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="run an active-learning experiment with a simulated oracle",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sim.add_argument("--dataset", default="mnist5k", help="mnist5k, digits, or a folder <class>/<image>")
+    sim.add_argument("--dataset", default="mnist5k", help="mnist5k, digits, photos, or a folder <class>/<image>")
     sim.add_argument("--strategies", default="margin,least_confidence,random",
                      help="comma-separated: random, least_confidence, margin, entropy")
     sim.add_argument("--seeds", type=int, default=3, help="runs per strategy (seeds 0..N-1)")
@@ -212,7 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--budget", type=int, default=300, help="total labels per run")
     sim.add_argument("--pool-size", type=int, default=0,
                      help="score a random subset of this many unlabeled images per round (0 = all)")
-    sim.add_argument("--model", default="small_cnn", help="small_cnn, resnet18 or efficientnet_lite0")
+    sim.add_argument("--model", default="auto",
+                     help="auto (small_cnn for small grayscale images, else efficientnet_lite0 in embedding mode), "
+                          "small_cnn, resnet18 or efficientnet_lite0")
+    sim.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=None,
+                     help="--finetune trains the whole network (GPU hosts); --no-finetune asks for embedding mode "
+                          "(frozen backbone, a head on embeddings computed once); default: embedding mode for "
+                          "pretrained backbones")
+    sim.add_argument("--input-size", type=int, help="embedding mode: the backbone's input size in pixels "
+                                                    "(default: the backbone's, 224)")
     sim.add_argument("--no-pretrained", action="store_true", help="random init instead of ImageNet weights")
     sim.add_argument("--weights", help="ImageNet weights file for the backbone (resnet18)")
     sim.add_argument("--test-fraction", type=float, default=0.2, help="stratified test split")

@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     torch_threads: int = 0  # 0 = torch's default; set to cores / workers so workers do not fight
     score_batch_size: int = 256
     shard_size: int = 2000  # pool samples per score job
+    embed_shard_size: int = 256  # images per embedding-pass job: a killed scorer loses little
+    embed_batch_size: int = 0  # images per backbone forward; 0 = 32 on a CPU, 256 on CUDA
 
     # Labeling
     lease_ttl_s: int = 600
@@ -43,6 +45,8 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = 2.0
     # Decoded-image tensors a worker keeps in memory, so each image is decoded once per process.
     tensor_cache_mb: int = 2048
+    # Embeddings a worker keeps in memory (float16: a 5,000-image pool by efficientnet_lite0 is 12.5 MiB).
+    embedding_cache_mb: int = 1024
     # A score shard (or a train at one label count) that failed or whose worker died this many
     # times is left alone (the reconciler reports it) rather than retried forever.
     max_job_attempts: int = 5

@@ -11,6 +11,10 @@ Object keys (the durable source of truth):
     projects/<p>/models/current.json             pointer to the newest complete version
     experiments/<name>/<file>                    results of a simulate run
     cache/datasets/<name>/<HxWxC>.pt             decoded images of a dataset at one input size
+    embeddings/<backbone>/<sha256>               an image's embedding by one backbone identity
+                                                 (raw float16 values), shared by every project
+    embeddings/<backbone>/backbone.json          what the backbone id stands for (model, weights
+                                                 digest, input size, preprocessing)
 """
 
 QUEUE_TRAIN = "train"
@@ -67,6 +71,15 @@ def current_model_key(project: str) -> str:
     return f"projects/{project}/models/current.json"
 
 
+def embedding_key(backbone_id: str, sample_id: str) -> str:
+    """An image's embedding by one backbone identity (alpipe.embeddings.BackboneIdentity.id)."""
+    return f"embeddings/{backbone_id}/{sample_id}"
+
+
+def embedding_identity_key(backbone_id: str) -> str:
+    return f"embeddings/{backbone_id}/backbone.json"
+
+
 def experiment_key(name: str, filename: str) -> str:
     return f"experiments/{name}/{filename}"
 
@@ -120,6 +133,20 @@ def fanout_lock_key(project: str, version: int) -> str:
 def train_attempts_key(project: str) -> str:
     """Hash labeled-count -> train jobs enqueued for it, so a failing train is not retried forever."""
     return redis_key(project, "train_attempts")
+
+
+# --- redis: the embedding pass of a project (see alpipe.pipeline) ----------------------------------
+
+
+def embed_key(project: str, *parts: object) -> str:
+    """Keys of a project's embedding pass: `meta` (counters, backbone id), `plan` (shard -> ids),
+    `jobs` (shard -> job id, attempts), `done` (finished shards), `failed` (sample -> why)."""
+    return redis_key(project, "embed", *parts)
+
+
+def embed_heartbeat_key(project: str, shard: int) -> str:
+    """Set (with a TTL, refreshed) while a scorer embeds one shard of the project's images."""
+    return redis_key(project, "hb", "embed", shard)
 
 
 def checkpoint_version(key: str) -> int | None:

@@ -10,14 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from . import keys
 from .checkpoints import checkpoint_bytes
 from .data import load_dataset, stratified_split
+from .embeddings import BackboneIdentity, EmbeddingCache, build_head, load_backbone
 from .errors import UserError
+from .image_probe import image_kind
 from .images import decode_images
-from .models import build_model, get_model_spec, model_in_channels
+from .model_specs import AUTO, auto_model, check_model_name, uses_embeddings
+from .models import ModelSpec, build_model, get_model_spec, model_in_channels
 from .results import CurvePoint
+from .schemas import DatasetManifest, SampleRecord
 from .storage import ObjectStore
 from .strategies import get_strategy, rank, subsample_pool
 from .training import TrainConfig, evaluate, fit, make_checkpoint, predict_proba, resolve_device
@@ -33,9 +38,11 @@ class ExperimentConfig:
     initial: int = 20
     query_size: int = 10
     budget: int = 300
-    model: str = "small_cnn"
+    model: str = "auto"
     pretrained: bool = True
     weights: str | None = None
+    finetune: bool | None = None  # None: embedding mode for pretrained backbones, whole network otherwise
+    input_size: int | None = None  # embedding mode: the backbone's input size (None = its default)
     pool_size: int = 0
     test_fraction: float = 0.2
     split_seed: int = 0
@@ -45,7 +52,10 @@ class ExperimentConfig:
     def validate(self) -> None:
         for name in self.strategies:
             get_strategy(name)
-        get_model_spec(self.model)
+        check_model_name(self.model)
+        uses_embeddings(self.model, finetune=self.finetune, pretrained=self.pretrained)
+        if self.input_size is not None and not 32 <= self.input_size <= 512:
+            raise UserError(f"--input-size must be between 32 and 512, got {self.input_size}")
         if not self.strategies:
             raise UserError("give at least one strategy")
         if self.seeds < 1:
@@ -66,30 +76,42 @@ class ExperimentConfig:
 
 @dataclass
 class PreparedData:
-    """The dataset decoded once at the model's input size, split into pool and test."""
+    """The dataset decoded once at the model's input size (or embedded once), split into pool and test."""
 
     name: str
     classes: list[str]
     ids: list[str]
-    images: torch.Tensor  # uint8 (N, C, H, W)
+    images: torch.Tensor  # uint8 (N, C, H, W), or float16 embeddings (N, dim) in embedding mode
     labels: torch.Tensor  # int64 (N,)
     is_test: np.ndarray
     in_channels: int
+    model: str  # the model 'auto' resolved to
+    backbone: BackboneIdentity | None = None  # embedding mode's backbone
+
+    @property
+    def spec(self) -> ModelSpec | None:
+        """How inputs are normalized: None in embedding mode (embeddings go to the head as they are)."""
+        return None if self.backbone is not None else get_model_spec(self.model)
+
+
+def resolve_model(config: ExperimentConfig, manifest: DatasetManifest, store: ObjectStore) -> str:
+    """The model to run: config.model, or for 'auto' the choice for this dataset's kind of images."""
+    if config.model != AUTO:
+        return config.model
+    grayscale, max_side = image_kind(store, [s.id for s in manifest.samples])
+    return auto_model(grayscale=grayscale and manifest.channels == 1, max_side=max_side, finetune=config.finetune)
 
 
 def prepare_data(config: ExperimentConfig, *, store: ObjectStore, cache_dir: Path) -> PreparedData:
-    """Load (ingesting on first use) and decode the dataset; check the budget fits the pool."""
+    """Load (ingesting on first use) and decode or embed the dataset; check the budget fits the pool."""
     manifest = load_dataset(config.dataset, store=store, cache_dir=cache_dir)
     labeled = [s for s in manifest.samples if s.label is not None]
-    spec = get_model_spec(config.model)
+    model = resolve_model(config, manifest, store)
+    if uses_embeddings(model, finetune=config.finetune, pretrained=config.pretrained):
+        labeled, vectors, backbone = _embed(labeled, model=model, config=config, store=store, name=manifest.name)
+        return _split_data(config, manifest, labeled, vectors, in_channels=3, model=model, backbone=backbone)
+    spec = get_model_spec(model)
     in_channels = model_in_channels(spec, manifest.channels)
-    labels_str = [s.label for s in labeled]
-    is_test = stratified_split(labels_str, test_fraction=config.test_fraction, seed=config.split_seed)
-    n_pool = int((~is_test).sum())
-    if config.budget > n_pool:
-        raise UserError(f"--budget {config.budget} is larger than the pool ({n_pool} images of "
-                        f"{manifest.name} after the test split); lower --budget or --test-fraction")
-    class_index = {c: i for i, c in enumerate(manifest.classes)}
     ids = [s.id for s in labeled]
     cache_key = keys.tensor_cache_key(manifest.name, spec.input_size, in_channels)
     images = load_tensor_cache(store, cache_key, ids)
@@ -97,8 +119,38 @@ def prepare_data(config: ExperimentConfig, *, store: ObjectStore, cache_dir: Pat
         images = decode_images(store, ids, size=spec.input_size, channels=in_channels,
                                desc=f"decoding {manifest.name}")
         save_tensor_cache(store, cache_key, ids, images)
+    return _split_data(config, manifest, labeled, images, in_channels=in_channels, model=model)
+
+
+def _embed(labeled: list[SampleRecord], *, model: str, config: ExperimentConfig, store: ObjectStore,
+           name: str) -> tuple[list[SampleRecord], torch.Tensor, BackboneIdentity]:
+    """Embeddings of the samples (computed once per backbone, then read from the store); unusable images dropped."""
+    backbone = load_backbone(model, input_size=config.input_size, weights_path=config.weights,
+                             device=resolve_device(config.device))
+    with tqdm(total=len(labeled), desc=f"embedding {name} ({backbone.identity.id})", unit="img",
+              disable=None) as bar:
+        vectors, ok, result = EmbeddingCache().get_many(store, [s.id for s in labeled], backbone=backbone,
+                                                        on_progress=bar.update)
+        bar.update(bar.total - bar.n)
+    log.info("%s: embeddings by %s: %d computed, %d already stored, %d unusable", name, backbone.identity.id,
+             result.computed, result.found, len(result.failed or {}))
+    keep = np.flatnonzero(ok)
+    return [labeled[i] for i in keep], vectors[torch.from_numpy(keep)], backbone.identity
+
+
+def _split_data(config: ExperimentConfig, manifest: DatasetManifest, labeled: list[SampleRecord],
+                inputs: torch.Tensor, *, in_channels: int, model: str,
+                backbone: BackboneIdentity | None = None) -> PreparedData:
+    labels_str = [s.label for s in labeled]
+    is_test = stratified_split(labels_str, test_fraction=config.test_fraction, seed=config.split_seed)
+    n_pool = int((~is_test).sum())
+    if config.budget > n_pool:
+        raise UserError(f"--budget {config.budget} is larger than the pool ({n_pool} images of "
+                        f"{manifest.name} after the test split); lower --budget or --test-fraction")
+    class_index = {c: i for i, c in enumerate(manifest.classes)}
     labels = torch.tensor([class_index[s.label] for s in labeled], dtype=torch.int64)
-    return PreparedData(manifest.name, manifest.classes, ids, images, labels, is_test, in_channels)
+    return PreparedData(manifest.name, manifest.classes, [s.id for s in labeled], inputs, labels, is_test,
+                        in_channels, model, backbone)
 
 
 def load_tensor_cache(store: ObjectStore, key: str, ids: list[str]) -> torch.Tensor | None:
@@ -119,7 +171,7 @@ def run_one(data: PreparedData, *, strategy_name: str, seed: int, config: Experi
             store: ObjectStore | None = None, checkpoint_prefix: str | None = None) -> list[CurvePoint]:
     """One learning curve: initial random set, then query → oracle → retrain until the budget."""
     strategy = get_strategy(strategy_name)
-    spec = get_model_spec(config.model)
+    spec = data.spec
     device = resolve_device(config.device)
     # The initial set and the model's init depend on the seed only, so strategies share them.
     rng_init = np.random.default_rng([seed, 0])
@@ -132,7 +184,9 @@ def run_one(data: PreparedData, *, strategy_name: str, seed: int, config: Experi
 
     def new_model() -> torch.nn.Module:
         torch.manual_seed(seed)
-        return build_model(config.model, len(data.classes), in_channels=data.in_channels,
+        if data.backbone is not None:
+            return build_head(data.backbone.dim, len(data.classes)).to(device)
+        return build_model(data.model, len(data.classes), in_channels=data.in_channels,
                            pretrained=config.pretrained, weights_path=config.weights).to(device)
 
     model = new_model()
@@ -165,9 +219,9 @@ def run_one(data: PreparedData, *, strategy_name: str, seed: int, config: Experi
         score_s = time.perf_counter() - started
         round_no += 1
     if store is not None and checkpoint_prefix:
-        checkpoint = make_checkpoint(model, model_name=config.model, model_version=round_no,
+        checkpoint = make_checkpoint(model, model_name=data.model, model_version=round_no,
                                      classes=data.classes, in_channels=data.in_channels,
-                                     config=config.as_dict())
+                                     config=config.as_dict(), backbone=data.backbone)
         store.put_bytes(f"{checkpoint_prefix}{strategy_name}-seed{seed}.pt", checkpoint_bytes(checkpoint))
     return points
 
@@ -177,8 +231,9 @@ def run_experiment(config: ExperimentConfig, *, store: ObjectStore, cache_dir: P
     """Every strategy × seed on one prepared dataset; returns all curve points."""
     config.validate()
     data = prepare_data(config, store=store, cache_dir=cache_dir)
-    log.info("%s: %d pool / %d test images, %d classes, model %s",
-             data.name, int((~data.is_test).sum()), int(data.is_test.sum()), len(data.classes), config.model)
+    log.info("%s: %d pool / %d test images, %d classes, model %s%s",
+             data.name, int((~data.is_test).sum()), int(data.is_test.sum()), len(data.classes), data.model,
+             f" (embedding mode, backbone {data.backbone.id})" if data.backbone else "")
     points: list[CurvePoint] = []
     for seed in range(config.seeds):
         for strategy_name in config.strategies:

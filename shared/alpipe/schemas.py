@@ -61,8 +61,15 @@ class ProjectCreate(BaseModel):
     strategy: str = "margin"
     query_size: int = Field(10, ge=1, le=10_000, description="new labels that trigger one retraining")
     pool_size: int = Field(0, ge=0, description="score a random subset of this many unlabeled images (0 = all)")
-    model: str = "small_cnn"
+    model: str = Field("auto", description="small_cnn, resnet18, efficientnet_lite0, or auto: small_cnn for small "
+                                           "grayscale images, else a pretrained backbone in embedding mode "
+                                           "(decided by the first images added)")
     pretrained: bool = True
+    finetune: bool | None = Field(None, description="true: train the whole network (GPU hosts); false: embedding "
+                                                    "mode (frozen backbone, a head on cached embeddings); null: "
+                                                    "embedding mode for pretrained backbones, else whole network")
+    input_size: int | None = Field(None, ge=32, le=512, description="embedding mode: the backbone's input size "
+                                                                     "in pixels (null = the backbone's default)")
     training: TrainOptions = Field(default_factory=TrainOptions)
     seed: int = 0
     label_policy: LabelPolicy = Field("latest", description="which label trains the model when labelers disagree: "
@@ -78,7 +85,8 @@ class Project(ProjectCreate):
 class ImportRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str = Field(description="a built-in dataset (mnist5k, digits) or an ImageFolder path on the server")
+    dataset: str = Field(description="a built-in dataset (mnist5k, digits, photos) or an ImageFolder path "
+                                     "on the server")
     test_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: int = 0
     limit: int = Field(0, ge=0, description="import only the first N images (0 = all), for quick trials")
@@ -161,6 +169,15 @@ class TrainRequestResult(BaseModel):
     model_labels: int
 
 
+class EmbedJob(BaseModel):
+    """One shard of a project's embedding pass: embed these images with the project's backbone."""
+
+    project: str
+    backbone: str = Field(description="the backbone id the pass was planned for")
+    shard: int
+    sample_ids: list[str]
+
+
 class ScoreJob(BaseModel):
     project: str
     model_version: int
@@ -195,6 +212,18 @@ class Disagreements(BaseModel):
     samples: list[Disagreement] = Field(description="the most recently voted on of them (at most 50)")
 
 
+class EmbeddingProgress(BaseModel):
+    """The embedding pass of a project in embedding mode (each image through the frozen backbone once)."""
+
+    backbone: str = Field(description="backbone id: model, input size and a digest of weights and preprocessing")
+    total: int = Field(description="images the pass covers")
+    done: int = Field(description="images with an embedding (computed now, or found from an earlier pass)")
+    failed: int = Field(description="images that could not be decoded; they are skipped")
+    images_per_s: float | None = Field(description="embedding speed so far; None before the first shard is done")
+    eta_s: float | None = Field(description="seconds left at that speed; None when unknown")
+    complete: bool = Field(description="every shard is done: training and scoring run on the embeddings")
+
+
 class ProjectPublic(BaseModel):
     name: str
     project: Project
@@ -206,6 +235,8 @@ class ProjectPublic(BaseModel):
     label_policy: LabelPolicy = Field(description="how the votes of several labelers become the training label")
     labelers: dict[str, int] = Field(default_factory=dict, description="labeler -> samples it has a vote on")
     disagreements: Disagreements = Field(default_factory=lambda: Disagreements(count=0, samples=[]))
+    embedding: EmbeddingProgress | None = Field(None, description="the embedding pass; None when the project "
+                                                                  "does not run in embedding mode")
 
 
 class ProjectSummary(BaseModel):

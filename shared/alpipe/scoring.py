@@ -19,15 +19,19 @@ import numpy as np
 import redis
 import torch
 
-from . import keys
+from . import embed_pass, keys
 from .checkpoints import LoadedModel, model_from_checkpoint, read_checkpoint
-from .pipeline import finish_ranking, load_project, score_heartbeat
-from .schemas import ScoreJob
+from .config import Settings
+from .embeddings import EmbeddingCache, load_backbone
+from .model_specs import project_uses_embeddings
+from .pipeline import embedding_pass_complete, finish_ranking, load_project, score_heartbeat
+from .schemas import EmbedJob, ScoreJob
 from .state import ProjectState
 from .storage import ObjectStore
 from .strategies import Strategy, get_strategy
 from .tensor_cache import TensorCache
 from .training import predict_proba
+from .work import Heartbeat, worker_identity
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +77,7 @@ def top_guesses(sample_ids: list[str], probs: np.ndarray) -> dict[str, tuple[int
 
 
 def score_shard(job: ScoreJob, *, r: redis.Redis, store: ObjectStore, models: ModelCache, tensors: TensorCache,
-                batch_size: int, heartbeat_ttl_s: float, job_id: str | None = None,
+                embeddings: EmbeddingCache, batch_size: int, heartbeat_ttl_s: float, job_id: str | None = None,
                 delay_s: float = 0.0) -> dict:
     """Score job.sample_ids with model job.model_version, add them to its ranking, mark the shard done.
 
@@ -99,8 +103,17 @@ def score_shard(job: ScoreJob, *, r: redis.Redis, store: ObjectStore, models: Mo
         ids = list(job.sample_ids)
         if strategy.needs_model:
             loaded = models.get(store, job.project, version)
-            images = tensors.get_many(store, ids, size=loaded.spec.input_size, channels=loaded.in_channels)
-            probs = predict_proba(loaded.model, images, spec=loaded.spec, device=models.device,
+            if loaded.backbone is not None:
+                # Embedding mode: the head over stored embeddings, no backbone forward. An image the
+                # embedding pass could not read has none and stays out of the ranking.
+                inputs, ok, _ = embeddings.get_many(store, ids, backbone=loaded.backbone)
+                if not ok.all():
+                    log.warning("%s v%d shard %d: %d images have no embedding; left out", job.project, version,
+                                shard, int((~ok).sum()))
+                    ids, inputs = [sid for sid, good in zip(ids, ok, strict=True) if good], inputs[ok]
+            else:
+                inputs = tensors.get_many(store, ids, size=loaded.spec.input_size, channels=loaded.in_channels)
+            probs = predict_proba(loaded.model, inputs, spec=loaded.spec, device=models.device,
                                   batch_size=batch_size)
         else:
             probs = np.zeros((len(ids), len(project.classes)), dtype=np.float32)
@@ -116,3 +129,50 @@ def score_shard(job: ScoreJob, *, r: redis.Redis, store: ObjectStore, models: Mo
              len(ids), seconds)
     return {"project": job.project, "version": version, "shard": shard, "scored": len(ids),
             "made_live": made_live, "seconds": round(seconds, 3)}
+
+
+def embed_shard(job: EmbedJob, *, r: redis.Redis, store: ObjectStore, embeddings: EmbeddingCache,
+                device: torch.device, settings: Settings, job_id: str | None = None) -> dict:
+    """Embed one shard of a project's embedding pass (alpipe.embed_pass), mark it done.
+
+    Safe to repeat: embeddings already stored are read instead of computed, each is written with
+    put_if_absent, and the shard's counts are added once. An image that cannot be decoded is
+    reported (in the pass's `failed` and the log) and skipped. settings.test_score_delay_s (tests
+    only) sleeps between batches, so a test can kill the worker mid-shard.
+    """
+    name, shard = job.project, job.shard
+    if embed_pass.shard_is_done(r, name, shard):
+        return {"project": name, "shard": shard, "skipped": "already done"}
+    project = load_project(store, name)
+    if not project_uses_embeddings(project):
+        return {"project": name, "shard": shard, "skipped": "not in embedding mode"}
+    started = time.perf_counter()
+    heartbeat = Heartbeat(r, keys.embed_heartbeat_key(name, shard), settings.heartbeat_ttl_s,
+                          value=worker_identity(job_id))
+    with heartbeat:
+        backbone = load_backbone(project.model, input_size=project.input_size, device=device,
+                                 batch_size=settings.embed_batch_size)
+        embed_pass.shard_started(r, name, backbone.identity.id)
+        handled, embedded, computed, failed = 0, 0, 0, {}
+        step = backbone.batch_size
+        for start in range(0, len(job.sample_ids), step):
+            if settings.test_score_delay_s > 0:
+                time.sleep(settings.test_score_delay_s)
+            chunk = job.sample_ids[start:start + step]
+            _, ok, result = embeddings.get_many(store, chunk, backbone=backbone)
+            handled += len(chunk)
+            embedded += int(ok.sum())
+            computed += result.computed
+            failed.update(result.failed or {})
+            embed_pass.shard_progress(r, name, shard, handled=handled, stored=result.stored,
+                                      failed=result.failed or {})
+        completed = embed_pass.shard_done(r, name, shard, embedded=embedded, failed=len(failed))
+    seconds = time.perf_counter() - started
+    log.info("%s: embedding shard %d: %d images (%d computed, %d failed) in %.2fs by %s", name, shard,
+             len(job.sample_ids), computed, len(failed), seconds, backbone.identity.id)
+    out = {"project": name, "shard": shard, "embedded": embedded, "computed": computed, "failed": len(failed),
+           "seconds": round(seconds, 3), "completed_pass": completed}
+    if completed:
+        log.info("%s: embedding pass complete", name)
+        out.update(embedding_pass_complete(r, store, project, settings=settings))
+    return out

@@ -256,6 +256,10 @@ class ProjectState:
             return []
         return [v.decode() if v is not None else None for v in self.r.hmget(self.key("samples"), sample_ids)]
 
+    def sample_ids(self) -> list[str]:
+        """Every sample of the project, pool and test, sorted."""
+        return sorted(k.decode() for k in self.r.hkeys(self.key("samples")))
+
     def test_labels(self) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in self.r.hgetall(self.key("test_labels")).items()}
 

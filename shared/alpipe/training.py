@@ -1,18 +1,24 @@
 """Training and evaluation in the torchvision-references shape, with the loop's stopping rules.
 
 Images travel as uint8 tensors (N, C, H, W) already at the model's input size; they are
-normalized per batch, so a decoded pool is held once in compact form.
+normalized per batch, so a decoded pool is held once in compact form. In embedding mode the inputs
+are embeddings (N, dim) instead and `spec` is None: they go to the head as they are.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .embeddings import BackboneIdentity
 
 from .models import ModelSpec, normalize_batch
 from .train_config import TrainConfig, fixed_epochs
@@ -42,7 +48,31 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
 
 
-def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, spec: ModelSpec,
+@contextlib.contextmanager
+def threads_for(spec: ModelSpec | None) -> Iterator[None]:
+    """One torch thread for a head on embeddings (spec None), the process's setting otherwise.
+
+    A head's matrices are tiny: an OpenMP thread team costs more than it saves, and on a loaded
+    host its spinning threads turned a 60 ms fit into 6 s (measured on 2 cores).
+    """
+    if spec is not None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def model_inputs(batch: torch.Tensor, spec: ModelSpec | None, device: torch.device) -> torch.Tensor:
+    """A batch as the model takes it: normalized images, or (spec None) embeddings as float32."""
+    x = normalize_batch(batch, spec) if spec is not None else batch.float()
+    return x.to(device, non_blocking=True)
+
+
+def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, spec: ModelSpec | None,
                     optimizer: torch.optim.Optimizer, criterion: nn.Module, device: torch.device,
                     config: TrainConfig, generator: torch.Generator) -> float:
     """One epoch of at least config.min_epoch_samples samples; returns the mean loss."""
@@ -51,13 +81,12 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     repeats = max(1, -(-config.min_epoch_samples // n))
     order = torch.cat([torch.randperm(n, generator=generator) for _ in range(repeats)])
     total, steps = 0.0, 0
-    max_shift = max(1, spec.input_size // 14) if config.augment else 0
+    max_shift = max(1, spec.input_size // 14) if config.augment and spec is not None else 0
     for start in range(0, len(order), config.batch_size):
         idx = order[start:start + config.batch_size]
         if len(idx) < 2 and steps > 0:
             continue  # a batch of one breaks BatchNorm and adds nothing
-        batch = random_shift(images[idx], max_shift, generator)
-        x = normalize_batch(batch, spec).to(device, non_blocking=True)
+        x = model_inputs(random_shift(images[idx], max_shift, generator), spec, device)
         y = labels[idx].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         loss = criterion(model(x), y)
@@ -69,20 +98,26 @@ def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
 
 
 @torch.inference_mode()
-def predict_proba(model: nn.Module, images: torch.Tensor, *, spec: ModelSpec, device: torch.device,
+def predict_proba(model: nn.Module, images: torch.Tensor, *, spec: ModelSpec | None, device: torch.device,
                   batch_size: int = 512) -> np.ndarray:
     """Softmax probabilities (N, n_classes) as float32 numpy."""
+    with threads_for(spec):
+        return _predict_proba(model, images, spec=spec, device=device, batch_size=batch_size)
+
+
+def _predict_proba(model: nn.Module, images: torch.Tensor, *, spec: ModelSpec | None, device: torch.device,
+                   batch_size: int) -> np.ndarray:
     model.eval()
     chunks = []
     for start in range(0, len(images), batch_size):
-        x = normalize_batch(images[start:start + batch_size], spec).to(device, non_blocking=True)
+        x = model_inputs(images[start:start + batch_size], spec, device)
         chunks.append(torch.softmax(model(x).float(), dim=1).cpu())
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)
     return torch.cat(chunks).numpy()
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, spec: ModelSpec,
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, spec: ModelSpec | None,
              device: torch.device, batch_size: int = 512) -> float:
     """Top-1 accuracy in [0, 1]."""
     if len(images) == 0:
@@ -105,7 +140,7 @@ def carve_validation(labels: np.ndarray, *, fraction: float, rng: np.random.Gene
     return is_val
 
 
-def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, spec: ModelSpec,
+def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, spec: ModelSpec | None,
         config: TrainConfig, device: torch.device, seed: int,
         holdout: tuple[torch.Tensor, torch.Tensor] | None = None,
         on_epoch: Callable[[int, float, float | None], None] | None = None) -> FitResult:
@@ -114,6 +149,15 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, spec: M
     holdout is used only when config.holdout == "test" (the tutorial's behaviour); otherwise a
     validation split is carved from the labeled set for the no_improvement rule.
     """
+    with threads_for(spec):
+        return _fit(model, images, labels, spec=spec, config=config, device=device, seed=seed, holdout=holdout,
+                    on_epoch=on_epoch)
+
+
+def _fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, spec: ModelSpec | None,
+         config: TrainConfig, device: torch.device, seed: int,
+         holdout: tuple[torch.Tensor, torch.Tensor] | None,
+         on_epoch: Callable[[int, float, float | None], None] | None) -> FitResult:
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
@@ -154,9 +198,14 @@ def fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, spec: M
 
 
 def make_checkpoint(model: nn.Module, *, model_name: str, model_version: int, classes: list[str],
-                    in_channels: int, config: dict, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """A plain-dict checkpoint: everything needed to rebuild and use the model elsewhere."""
-    return {
+                    in_channels: int, config: dict, optimizer: torch.optim.Optimizer | None = None,
+                    backbone: BackboneIdentity | None = None) -> dict:
+    """A plain-dict checkpoint: everything needed to rebuild and use the model elsewhere.
+
+    In embedding mode `model` is the head and `backbone` names the frozen backbone it sits on
+    (alpipe.inference.load_classifier puts the two together again for raw images).
+    """
+    checkpoint = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer else None,
         "model_name": model_name,
@@ -165,3 +214,8 @@ def make_checkpoint(model: nn.Module, *, model_name: str, model_version: int, cl
         "in_channels": in_channels,
         "config": config,
     }
+    if backbone is not None:
+        checkpoint["mode"] = "embedding"
+        checkpoint["backbone"] = backbone.as_dict()
+        checkpoint["head"] = {"dim": model.dim, "hidden": model.hidden}
+    return checkpoint

@@ -1,3 +1,4 @@
+import functools
 import io
 
 import numpy as np
@@ -5,7 +6,15 @@ import pytest
 from PIL import Image
 
 from alpipe import keys
-from alpipe.data import ingest_folder, load_dataset, stratified_split
+from alpipe.data import (
+    BUILTIN_DATASETS,
+    PHOTOS,
+    ingest_folder,
+    load_dataset,
+    materialize_builtin,
+    sha256_hex,
+    stratified_split,
+)
 from alpipe.errors import UserError
 from alpipe.images import decode_image
 from alpipe.storage import LocalStore
@@ -96,6 +105,54 @@ def test_builtin_digits_materializes_through_the_folder_path(tmp_path, store):
     assert (tmp_path / "cache" / "digits" / "3").is_dir()
     again = load_dataset("digits", store=store, cache_dir=tmp_path / "cache")
     assert again.samples == manifest.samples
+
+
+def png_files(folder) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
+
+
+def test_builtin_photos_are_distinct_rgb_patches_one_class_per_photo():
+    images, labels = BUILTIN_DATASETS["photos"]()
+    assert images.shape == (len(labels), 128, 128, 3) and images.dtype == np.uint8
+    classes, counts = np.unique(labels, return_counts=True)
+    assert len(classes) >= 6 and set(classes) == set(PHOTOS)
+    assert {"astronaut", "chelsea", "coffee", "rocket"} <= set(classes)
+    assert all(200 <= n <= 300 for n in counts)
+    assert len({img.tobytes() for img in images}) == len(images)
+
+
+def test_builtin_photos_materialize_as_the_same_rgb_files_in_any_folder(tmp_path, store, monkeypatch):
+    # a few patches a photo: writing all 2,000 twice would make this test slow, not more thorough
+    monkeypatch.setitem(BUILTIN_DATASETS, "photos", functools.partial(BUILTIN_DATASETS["photos"], per_class=4))
+    first = materialize_builtin("photos", tmp_path / "a")
+    files = png_files(first)
+    assert files == png_files(materialize_builtin("photos", tmp_path / "b"))
+    assert sorted({name.split("/")[0] for name in files}) == sorted(PHOTOS)
+    for data in files.values():
+        with Image.open(io.BytesIO(data)) as img:
+            assert (img.mode, img.size) == ("RGB", (128, 128))
+    manifest = load_dataset("photos", store=store, cache_dir=tmp_path / "a")
+    assert manifest.classes == sorted(PHOTOS) and manifest.channels == 3
+    assert len(manifest.samples) == len(files) and not manifest.skipped
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("mnist5k", {"0/00000.png": "bc1c0c448389ca55f70529ac80dd6a9871be331abd547a09fb61463b40df7f5b",
+                 "0/00019.png": "d9c017b087d6e64eb93b86085b5848bdfb2c3ed251b4fc61d6550a18ece77f46"}),
+    ("digits", {"0/00000.png": "db76c008f92a420b6622c148436248828d9ffc52480d2fe164bd482d50b4e706",
+                "9/00019.png": "6a4ffd81c4db8d322784453a989661263f78cd9d2d091b4f163bc1de14232155"}),
+])
+def test_grayscale_builtins_keep_their_files_and_ids(tmp_path, monkeypatch, name, expected):
+    # The first 20 images already span each set's full intensity range, so they are scaled as in the
+    # whole set; the hashes are the sample ids these files had before built-ins could be in colour.
+    full = BUILTIN_DATASETS[name]
+    monkeypatch.setitem(BUILTIN_DATASETS, name, lambda: tuple(a[:20] for a in full()))
+    files = png_files(materialize_builtin(name, tmp_path))
+    assert len(files) == 20
+    for data in files.values():
+        with Image.open(io.BytesIO(data)) as img:
+            assert img.mode == "L"
+    assert {path: sha256_hex(files[path]) for path in expected} == expected
 
 
 def test_stratified_split_is_deterministic_and_per_class():
