@@ -9,6 +9,7 @@ from alpipe.config import Settings
 from alpipe.storage import ObjectStore, S3Store
 from services.api.main import create_app
 from tests.integration.test_api import make_settings
+from tests.integration.test_workers import workers  # noqa: F401  (worker processes, for every suite)
 
 
 @pytest.fixture(params=["local", "s3"])
