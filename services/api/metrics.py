@@ -11,14 +11,16 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from alpipe import embed_pass
 from alpipe.projects import queue_depths
+from alpipe.schemas import Project
 from alpipe.state import ProjectState, project_names
 
 log = logging.getLogger(__name__)
 
 
 class _StateCollector:
-    """Per-project sample counts, model versions and queue depths, read from Redis on each scrape."""
+    """Per-project sample counts, model versions, embedding passes and queue depths, read from Redis on each scrape."""
 
     def __init__(self, get_redis: Callable[[], redis.Redis]):
         self.get_redis = get_redis
@@ -30,6 +32,11 @@ class _StateCollector:
                                    labels=["project"])
         ranking = GaugeMetricFamily("alpipe_project_live_ranking_version",
                                     "Model version whose ranking is served (0 = cold start)", labels=["project"])
+        embedded = GaugeMetricFamily("alpipe_embedding_images",
+                                     "Images of a project's embedding pass by state (total, done, failed)",
+                                     labels=["project", "state"])
+        embed_rate = GaugeMetricFamily("alpipe_embedding_images_per_second",
+                                       "Speed of a project's embedding pass so far", labels=["project"])
         queues = GaugeMetricFamily("alpipe_queue_depth", "Jobs waiting in an rq queue", labels=["queue"])
         up = GaugeMetricFamily("alpipe_redis_up", "1 when the last scrape could read Redis")
         try:
@@ -42,13 +49,19 @@ class _StateCollector:
                 live = state.live_version()
                 if live is not None:
                     ranking.add_metric([name], live)
+                meta = state.meta()
+                progress = embed_pass.progress(r, Project.model_validate_json(meta)) if meta else None
+                if progress is not None:
+                    for kind in ("total", "done", "failed"):
+                        embedded.add_metric([name, kind], getattr(progress, kind))
+                    embed_rate.add_metric([name], progress.images_per_s or 0.0)
             for queue, depth in queue_depths(r=r).items():
                 queues.add_metric([queue], depth)
             up.add_metric([], 1)
         except redis.RedisError as e:
             log.warning("metrics: cannot read Redis: %s", e)
             up.add_metric([], 0)
-        yield from (samples, models, ranking, queues, up)
+        yield from (samples, models, ranking, embedded, embed_rate, queues, up)
 
 
 class ApiMetrics:

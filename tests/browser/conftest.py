@@ -109,11 +109,16 @@ class DigitProject:
 
 @pytest.fixture(scope="session")
 def make_project(admin: httpx.Client) -> Callable[..., DigitProject]:
-    """Create a digits project over HTTP (admin token) with `pool` pool images and `test` test images."""
+    """Create a digits project over HTTP (admin token) with `pool` pool images and `test` test images.
 
-    def make(name: str, *, pool: int = 30, test: int = 0, query_size: int = 1000, offset: int = 0) -> DigitProject:
+    Other `classes` than the digits name the classes of a layout test; its images are still digits,
+    so it takes no test images (their labels are digits)."""
+
+    def make(name: str, *, pool: int = 30, test: int = 0, query_size: int = 1000, offset: int = 0,
+             classes: list[str] | None = None) -> DigitProject:
+        assert classes is None or test == 0, "test images are labeled with digits"
         response = admin.post("/projects", json={
-            "name": name, "classes": CLASSES, "strategy": "margin", "query_size": query_size,
+            "name": name, "classes": classes or CLASSES, "strategy": "margin", "query_size": query_size,
             "training": {"stop": "epochs:5", "augment": False}})
         assert response.status_code == 201, response.text
         project = DigitProject(name)
@@ -164,7 +169,7 @@ class Pages:
 
     def open(self, path: str = "/ui/", *, token: str | None = None, before: Callable | None = None):
         """A new labeler's page at path; before(context) runs first (to route requests, say)."""
-        context = self.browser.new_context(viewport=VIEWPORT)
+        context = self.browser.new_context(viewport=VIEWPORT, locale="en-US")  # 1,234 as numbers read
         if before is not None:
             before(context)
         context.set_default_timeout(15_000)

@@ -125,6 +125,10 @@ def test_create_list_and_get_project(client: TestClient, store: ObjectStore, red
     ({"training": {"stop": "never"}}, 422, "unknown stopping rule 'never'"),
     ({"colour": "blue"}, 422, "Extra inputs are not permitted"),
     ({"query_size": 0}, 422, "greater than or equal to 1"),
+    ({"model": "vgg99", "finetune": False}, 422, "unknown model 'vgg99'"),
+    ({"model": "small_cnn", "finetune": False}, 422, "small_cnn has no pretrained backbone"),
+    ({"model": "efficientnet_lite0", "pretrained": False, "finetune": False}, 422, "is not pretrained"),
+    ({"input_size": 8}, 422, "greater than or equal to 32"),
 ])
 def test_create_project_rejects_bad_input(app_for, local: ObjectStore, body: dict, status: int,
                                           message: str) -> None:

@@ -15,7 +15,10 @@
   const EMPTY_RETRY_MS = 5000; // ask again this often while nothing is left to label
   const ERROR_RETRY_MS = 2500; // and this often while the API cannot be reached
   const KEYS = "1234567890"; // shortcut of the first ten classes, in class order
+  const MANY_CLASSES = 12; // more than this: a compact list with a filter box
+  const SHORT_NAME = 2; // classes all named this short (digits, "A") get big square buttons
   const RECENT_MAX = 8;
+  const RECENT_MAX_LONG = 6; // longer names, two a row and up to two lines each: three rows
   const UNDO_DEPTH = 50; // labels of this session that u can take back, newest first
   const STORAGE = { token: "alpipe.token", labeler: "alpipe.labeler" };
 
@@ -42,6 +45,8 @@
     labeled: null,
     labeledAt: 0, // when the labeled count last came from a label/undo answer
     keys: [], // the shortcut key of each class (null: click only)
+    longNames: false, // some class name is longer than SHORT_NAME: names wrap instead of big buttons
+    filterActive: 0, // in the class filter, which of the matching classes Enter picks
     poolTotal: 0, // labeled + unlabeled pool images
     querySize: null,
     modelLabels: 0, // labels the current model was trained on
@@ -341,6 +346,7 @@
       project: null, name: null, pollTimer: null, emptyTimer: null,
     });
     $("recent").replaceChildren();
+    renderEmbedding(null);
   }
 
   async function openProject(name) {
@@ -390,35 +396,132 @@
     return classes.map((c, i) => (digits ? c : i < KEYS.length ? KEYS[i] : null));
   }
 
+  // A class name as text with a line-break opportunity after each _ - . / (class names such as
+  // "03_china_bottom_left" have no spaces), so a long name wraps between its words, whole.
+  function breakable(name) {
+    const frag = document.createDocumentFragment();
+    for (const part of String(name).split(/(?<=[_\-./])/)) {
+      if (frag.childNodes.length) frag.append(document.createElement("wbr"));
+      frag.append(part);
+    }
+    return frag;
+  }
+
+  // Three layouts, by the classes: "keys" (names of 1–2 characters, up to MANY_CLASSES: big square
+  // buttons with the key in a corner), "names" (a longer name: wider buttons, the key on the left,
+  // the whole name wrapping between its words) and "list" (more than MANY_CLASSES: compact rows
+  // under a filter box, scrolling). The last-labels strip goes from four to two a row for longer names.
   function renderClasses() {
     const classes = state.project.classes;
     state.keys = classKeys(classes);
+    state.longNames = classes.some((c) => [...c].length > SHORT_NAME);
+    const layout = classes.length > MANY_CLASSES ? "list" : state.longNames ? "names" : "keys";
+    $("class-picker").dataset.layout = layout;
     const box = $("classes");
     box.replaceChildren();
+    // Columns as wide as the longest name needs (app.css), so names mostly fit on one line.
+    box.style.setProperty("--name-chars", String(Math.max(...classes.map((c) => [...c].length))));
     classes.forEach((cls, i) => {
       const button = document.createElement("button");
       button.type = "button";
       button.className = "class-btn";
       button.dataset.label = cls;
+      button.title = cls;
       const key = state.keys[i];
       if (key) button.setAttribute("aria-keyshortcuts", key);
       button.setAttribute("aria-label", key ? `Label as ${cls} (key ${key})` : `Label as ${cls}`);
-      const name = document.createElement("span");
-      name.className = "class-name";
-      name.textContent = cls;
-      button.append(name);
       if (key) {
         const kbd = document.createElement("kbd");
         kbd.textContent = key;
         button.append(kbd);
       }
+      const name = document.createElement("span");
+      name.className = "class-name";
+      name.append(breakable(cls));
+      button.append(name);
       button.addEventListener("click", () => labelCurrent(cls, button));
       box.append(button);
     });
-    box.classList.toggle("many", classes.length > 10);
-    $("key-hint").innerHTML = classes.length > 10
-      ? "Keys <kbd>1</kbd>–<kbd>9</kbd>, <kbd>0</kbd> pick the first ten classes; click for the rest."
-      : `Press a class key, <kbd>S</kbd> to skip, <kbd>U</kbd> to undo your last label.`;
+    $("class-filter-row").hidden = layout !== "list";
+    $("class-filter").value = "";
+    applyFilter();
+    $("key-hint").innerHTML = layout === "list"
+      ? "Keys <kbd>1</kbd>–<kbd>9</kbd>, <kbd>0</kbd> pick the first ten classes; <kbd>/</kbd> filters; "
+        + "<kbd>S</kbd> skip, <kbd>U</kbd> undo."
+      : classes.length > 10
+        ? "Keys <kbd>1</kbd>–<kbd>9</kbd>, <kbd>0</kbd> pick the first ten classes; click for the rest."
+        : `Press a class key, <kbd>S</kbd> to skip, <kbd>U</kbd> to undo your last label.`;
+  }
+
+  // The class filter (list layout): every word typed must occur in the class name, case and
+  // separators ignored ("china left" finds "03_china_bottom_left"). Enter labels with the
+  // highlighted match (the first one; arrow keys move it), Escape clears, / comes back here.
+  const words = (text) => text.toLowerCase().split(/[\s_\-./]+/).filter(Boolean);
+
+  function filterMatches() {
+    const wanted = words($("class-filter").value);
+    return [...$("classes").children].filter((b) => {
+      const name = words(b.dataset.label).join(" ");
+      return wanted.every((w) => name.includes(w));
+    });
+  }
+
+  function applyFilter() {
+    const buttons = [...$("classes").children];
+    const filtering = !$("class-filter-row").hidden && $("class-filter").value.trim() !== "";
+    const matches = filtering ? filterMatches() : buttons;
+    const shown = new Set(matches);
+    state.filterActive = Math.min(Math.max(state.filterActive, 0), Math.max(matches.length - 1, 0));
+    buttons.forEach((b) => {
+      b.hidden = !shown.has(b);
+      b.classList.toggle("active", filtering && b === matches[state.filterActive]);
+    });
+    const count = $("class-filter-count");
+    count.classList.toggle("none", filtering && matches.length === 0);
+    count.textContent = !filtering ? `${buttons.length} classes`
+      : matches.length ? `${matches.length} of ${buttons.length}` : "no class matches";
+    const active = filtering && matches[state.filterActive];
+    if (active) scrollWithin($("classes"), active);
+  }
+
+  // Scroll the class list (not the page) so that button shows.
+  function scrollWithin(box, el) {
+    const top = el.offsetTop - box.offsetTop;
+    if (top < box.scrollTop) box.scrollTop = top - 4;
+    else if (top + el.offsetHeight > box.scrollTop + box.clientHeight) {
+      box.scrollTop = top + el.offsetHeight - box.clientHeight + 4;
+    }
+  }
+
+  function clearFilter() {
+    $("class-filter").value = "";
+    state.filterActive = 0;
+    applyFilter();
+    $("classes").scrollTop = 0;
+  }
+
+  function onFilterKey(event) {
+    const input = $("class-filter");
+    if (event.key === "Enter") {
+      event.preventDefault();
+      const matches = input.value.trim() ? filterMatches() : [];
+      const pick = matches[state.filterActive];
+      if (!pick) return;
+      if (labelCurrent(pick.dataset.label, pick)) {
+        clearFilter();
+        $("stage").focus({ preventScroll: true });
+      }
+    } else if (event.key === "Escape") {
+      event.preventDefault();
+      if (input.value) clearFilter();
+      else $("stage").focus({ preventScroll: true });
+    } else if (event.key === "ArrowDown" || event.key === "ArrowUp") {
+      event.preventDefault();
+      const n = filterMatches().length;
+      if (!n || !input.value.trim()) return;
+      state.filterActive = (state.filterActive + (event.key === "ArrowDown" ? 1 : n - 1)) % n;
+      applyFilter();
+    }
   }
 
   // Queue ------------------------------------------------------------------------------------
@@ -566,7 +669,7 @@
     guessEl.replaceChildren();
     if (guess) {
       const label = document.createElement("strong");
-      label.textContent = guess.label;
+      label.append(breakable(guess.label));
       const conf = document.createElement("span");
       conf.className = "muted";
       conf.textContent = ` ${Math.round(guess.confidence * 100)}%`;
@@ -614,7 +717,7 @@
 
   function labelCurrent(label, button) {
     const item = state.current;
-    if (!item || !item.shown) return; // never label an image the labeler has not seen yet
+    if (!item || !item.shown) return false; // never label an image the labeler has not seen yet
     flash(button);
     const entry = { item, label, failed: false };
     state.history.push(entry);
@@ -646,6 +749,7 @@
         }
       }
     });
+    return true;
   }
 
   // Drop a label the API did not take (an undo may have dropped it already).
@@ -734,7 +838,7 @@
   function renderRecent() {
     const list = $("recent");
     list.replaceChildren();
-    const entries = state.history.slice(-RECENT_MAX).reverse();
+    const entries = state.history.slice(-(state.longNames ? RECENT_MAX_LONG : RECENT_MAX)).reverse();
     for (const entry of entries) {
       const li = document.createElement("li");
       const thumb = document.createElement("img");
@@ -742,11 +846,12 @@
       if (entry.item.src) thumb.src = entry.item.src;
       if (entry.item.width && entry.item.width <= 128) thumb.className = "pixelated";
       const label = document.createElement("span");
-      label.textContent = entry.label;
+      label.append(breakable(entry.label));
       li.append(thumb, label);
       li.title = `${entry.item.sample_id.slice(0, 12)} → ${entry.label}`;
       list.append(li);
     }
+    list.classList.toggle("long", state.longNames);
     $("recent-empty").hidden = entries.length > 0;
   }
 
@@ -780,7 +885,60 @@
     state.querySize = detail.project ? detail.project.query_size : null;
     state.modelLabels = model.version ? model.n_labeled : 0;
     renderNextModel();
+    renderEmbedding(detail.embedding);
     drawCurve(detail.curve || []);
+  }
+
+  // The backbone embedding pass (embedding mode): progress until every image has its embedding
+  // (the project serves a random order until then), one line once done, nothing otherwise.
+  function renderEmbedding(emb) {
+    const card = $("stat-embedding");
+    if (!emb || typeof emb !== "object") {
+      card.hidden = true;
+      return;
+    }
+    const n = (v) => (Number.isFinite(v) ? v : 0);
+    const total = n(emb.total), done = n(emb.done), failed = n(emb.failed);
+    const backbone = typeof emb.backbone === "string" ? emb.backbone : "";
+    const sub = $("embedding-sub");
+    sub.textContent = backbone ? `backbone ${backbone.split("/")[0]}` : "";
+    sub.title = backbone;
+    if (emb.complete) {
+      $("embedding-text").textContent = `Embeddings ready (${total.toLocaleString()} images)`
+        + (failed > 0 ? ` · ${failed.toLocaleString()} failed` : "");
+      $("embedding-progress").hidden = true;
+    } else {
+      const parts = [`Embedding images: ${done.toLocaleString()} / ${total.toLocaleString()}`];
+      if (Number.isFinite(emb.images_per_s)) parts.push(`${formatRate(emb.images_per_s)} img/s`);
+      if (Number.isFinite(emb.eta_s)) parts.push(`~${formatDuration(emb.eta_s)} left`);
+      if (failed > 0) parts.push(`${failed.toLocaleString()} failed`);
+      // Each part on one line; a long line wraps between the parts only.
+      $("embedding-text").replaceChildren(...parts.flatMap((part, i) => {
+        const span = document.createElement("span");
+        span.textContent = part;
+        return i ? [" · ", span] : [span];
+      }));
+      const share = total ? Math.min(1, done / total) : 0;
+      $("embedding-progress").hidden = false;
+      $("embedding-progress").setAttribute("aria-valuenow", String(Math.floor(share * 100)));
+      $("embedding-bar").style.width = `${(share * 100).toFixed(1)}%`;
+      sub.textContent += `${backbone ? " · " : ""}random image order until done`;
+    }
+    card.classList.toggle("complete", Boolean(emb.complete));
+    card.hidden = false;
+  }
+
+  function formatRate(perS) {
+    return perS >= 10 ? Math.floor(perS).toLocaleString() : perS.toFixed(1);
+  }
+
+  function formatDuration(seconds) {
+    const s = Math.max(1, Math.round(seconds));
+    if (s < 60) return `${s} s`;
+    const m = Math.round(s / 60);
+    if (m < 60) return `${m} min`;
+    const h = Math.floor(m / 60);
+    return m % 60 ? `${h} h ${m % 60} min` : `${h} h`;
   }
 
   // Learning curve as SVG: accuracy (y) against labels (x), one point per model version.
@@ -864,6 +1022,10 @@
     } else if (key === "u") {
       event.preventDefault();
       undo();
+    } else if (key === "/" && !$("class-filter-row").hidden) {
+      event.preventDefault();
+      $("class-filter").focus();
+      $("class-filter").select();
     }
   }
 
@@ -876,6 +1038,8 @@
     $("banner-close").addEventListener("click", hideBanner);
     $("skip-btn").addEventListener("click", skip);
     $("undo-btn").addEventListener("click", undo);
+    $("class-filter").addEventListener("input", () => { state.filterActive = 0; applyFilter(); });
+    $("class-filter").addEventListener("keydown", onFilterKey);
     $("project-select").addEventListener("change", (event) => {
       const url = new URL(window.location.href);
       url.searchParams.set("project", event.target.value);
