@@ -17,7 +17,8 @@ from torch import nn
 from . import keys
 from .embeddings import BackboneIdentity, build_head
 from .errors import NotFound
-from .models import ModelSpec, build_model, get_model_spec
+from .model_specs import model_spec
+from .models import ModelSpec, build_model
 from .storage import ObjectStore
 
 
@@ -68,7 +69,7 @@ def model_from_checkpoint(checkpoint: dict, *, project: str, device: torch.devic
                                       hidden=int(checkpoint["head"]["hidden"]))
         spec = None
     else:
-        backbone, spec = None, get_model_spec(checkpoint["model_name"])
+        backbone, spec = None, model_spec(checkpoint["model_name"], checkpoint.get("input_size"))
         model = build_model(spec.name, n_classes, in_channels=checkpoint["in_channels"], pretrained=False)
     model.load_state_dict(checkpoint["model"])
     model.to(device).eval()

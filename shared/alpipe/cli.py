@@ -220,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="--finetune trains the whole network (GPU hosts); --no-finetune asks for embedding mode "
                           "(frozen backbone, a head on embeddings computed once); default: embedding mode for "
                           "pretrained backbones")
-    sim.add_argument("--input-size", type=int, help="embedding mode: the backbone's input size in pixels "
-                                                    "(default: the backbone's, 224)")
+    sim.add_argument("--input-size", type=int, help="pixels images are resized to for the model (default: the "
+                                                    "model's, 224 for the backbones, 28 for small_cnn)")
     sim.add_argument("--no-pretrained", action="store_true", help="random init instead of ImageNet weights")
     sim.add_argument("--weights", help="ImageNet weights file for the backbone (resnet18)")
     sim.add_argument("--test-fraction", type=float, default=0.2, help="stratified test split")

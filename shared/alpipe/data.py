@@ -56,7 +56,7 @@ def _photo(name: str) -> np.ndarray:
     return getattr(skimage.data, name)()
 
 
-def _photos(per_class: int = 250, size: int = 128, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def photo_patches(per_class: int = 250, size: int = 128, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """One class per photo: random square crops, 15-45% of its shorter side, flipped at random and
     jittered in brightness and contrast, so that patches of one photo differ."""
     rng = np.random.default_rng(seed)
@@ -84,7 +84,7 @@ def _photos(per_class: int = 250, size: int = 128, seed: int = 0) -> tuple[np.nd
 BUILTIN_DATASETS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {
     "mnist5k": _mnist5k,
     "digits": _digits,
-    "photos": _photos,
+    "photos": photo_patches,
 }
 
 
@@ -99,19 +99,24 @@ def materialize_builtin(name: str, root: Path) -> Path:
     if done.exists():
         return folder
     images, labels = BUILTIN_DATASETS[name]()
+    write_image_folder(images, labels, folder, desc=f"writing {name}")
+    done.touch()
+    return folder
+
+
+def write_image_folder(images: np.ndarray, labels: np.ndarray, folder: Path, *, desc: str = "writing") -> None:
+    """Images as PNG files <folder>/<label>/<index>.png (see BUILTIN_DATASETS for the array kinds)."""
     if images.dtype != np.uint8:
         scale = 255.0 / max(float(images.max()), 1.0)
         images = np.clip(images * scale, 0, 255).astype(np.uint8)
     for index, (pixels, label) in enumerate(
-        tqdm(zip(images, labels, strict=True), total=len(images), desc=f"writing {name}", leave=False)
+        tqdm(zip(images, labels, strict=True), total=len(images), desc=desc, leave=False)
     ):
-        path = folder / str(label) / f"{index:05d}.png"
+        path = Path(folder) / str(label) / f"{index:05d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         # zlib's fastest level writes the noisy colour patches 4x faster for 10% more bytes; grayscale keeps
         # the default level, as its sample ids are the sha256 of these files.
         Image.fromarray(pixels).save(path, compress_level=1 if pixels.ndim == 3 else 6)
-    done.touch()
-    return folder
 
 
 def _read_image(path: Path) -> tuple[bytes, str]:

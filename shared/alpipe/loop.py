@@ -19,8 +19,8 @@ from .embeddings import BackboneIdentity, EmbeddingCache, build_head, load_backb
 from .errors import UserError
 from .image_probe import image_kind
 from .images import decode_images
-from .model_specs import AUTO, auto_model, check_model_name, uses_embeddings
-from .models import ModelSpec, build_model, get_model_spec, model_in_channels
+from .model_specs import AUTO, auto_model, check_model_name, model_spec, uses_embeddings
+from .models import ModelSpec, build_model, model_in_channels
 from .results import CurvePoint
 from .schemas import DatasetManifest, SampleRecord
 from .storage import ObjectStore
@@ -42,7 +42,7 @@ class ExperimentConfig:
     pretrained: bool = True
     weights: str | None = None
     finetune: bool | None = None  # None: embedding mode for pretrained backbones, whole network otherwise
-    input_size: int | None = None  # embedding mode: the backbone's input size (None = its default)
+    input_size: int | None = None  # images are resized to this many pixels (None = the model's default)
     pool_size: int = 0
     test_fraction: float = 0.2
     split_seed: int = 0
@@ -86,12 +86,13 @@ class PreparedData:
     is_test: np.ndarray
     in_channels: int
     model: str  # the model 'auto' resolved to
+    input_size: int | None = None  # images were resized to this instead of the model's default
     backbone: BackboneIdentity | None = None  # embedding mode's backbone
 
     @property
     def spec(self) -> ModelSpec | None:
         """How inputs are normalized: None in embedding mode (embeddings go to the head as they are)."""
-        return None if self.backbone is not None else get_model_spec(self.model)
+        return None if self.backbone is not None else model_spec(self.model, self.input_size)
 
 
 def resolve_model(config: ExperimentConfig, manifest: DatasetManifest, store: ObjectStore) -> str:
@@ -110,7 +111,7 @@ def prepare_data(config: ExperimentConfig, *, store: ObjectStore, cache_dir: Pat
     if uses_embeddings(model, finetune=config.finetune, pretrained=config.pretrained):
         labeled, vectors, backbone = _embed(labeled, model=model, config=config, store=store, name=manifest.name)
         return _split_data(config, manifest, labeled, vectors, in_channels=3, model=model, backbone=backbone)
-    spec = get_model_spec(model)
+    spec = model_spec(model, config.input_size)
     in_channels = model_in_channels(spec, manifest.channels)
     ids = [s.id for s in labeled]
     cache_key = keys.tensor_cache_key(manifest.name, spec.input_size, in_channels)
@@ -119,7 +120,8 @@ def prepare_data(config: ExperimentConfig, *, store: ObjectStore, cache_dir: Pat
         images = decode_images(store, ids, size=spec.input_size, channels=in_channels,
                                desc=f"decoding {manifest.name}")
         save_tensor_cache(store, cache_key, ids, images)
-    return _split_data(config, manifest, labeled, images, in_channels=in_channels, model=model)
+    return _split_data(config, manifest, labeled, images, in_channels=in_channels, model=model,
+                       input_size=spec.input_size)
 
 
 def _embed(labeled: list[SampleRecord], *, model: str, config: ExperimentConfig, store: ObjectStore,
@@ -128,7 +130,7 @@ def _embed(labeled: list[SampleRecord], *, model: str, config: ExperimentConfig,
     backbone = load_backbone(model, input_size=config.input_size, weights_path=config.weights,
                              device=resolve_device(config.device))
     with tqdm(total=len(labeled), desc=f"embedding {name} ({backbone.identity.id})", unit="img",
-              disable=None) as bar:
+              disable=len(labeled) < 100) as bar:
         vectors, ok, result = EmbeddingCache().get_many(store, [s.id for s in labeled], backbone=backbone,
                                                         on_progress=bar.update)
         bar.update(bar.total - bar.n)
@@ -139,7 +141,7 @@ def _embed(labeled: list[SampleRecord], *, model: str, config: ExperimentConfig,
 
 
 def _split_data(config: ExperimentConfig, manifest: DatasetManifest, labeled: list[SampleRecord],
-                inputs: torch.Tensor, *, in_channels: int, model: str,
+                inputs: torch.Tensor, *, in_channels: int, model: str, input_size: int | None = None,
                 backbone: BackboneIdentity | None = None) -> PreparedData:
     labels_str = [s.label for s in labeled]
     is_test = stratified_split(labels_str, test_fraction=config.test_fraction, seed=config.split_seed)
@@ -150,7 +152,7 @@ def _split_data(config: ExperimentConfig, manifest: DatasetManifest, labeled: li
     class_index = {c: i for i, c in enumerate(manifest.classes)}
     labels = torch.tensor([class_index[s.label] for s in labeled], dtype=torch.int64)
     return PreparedData(manifest.name, manifest.classes, [s.id for s in labeled], inputs, labels, is_test,
-                        in_channels, model, backbone)
+                        in_channels, model, input_size, backbone)
 
 
 def load_tensor_cache(store: ObjectStore, key: str, ids: list[str]) -> torch.Tensor | None:
@@ -221,7 +223,8 @@ def run_one(data: PreparedData, *, strategy_name: str, seed: int, config: Experi
     if store is not None and checkpoint_prefix:
         checkpoint = make_checkpoint(model, model_name=data.model, model_version=round_no,
                                      classes=data.classes, in_channels=data.in_channels,
-                                     config=config.as_dict(), backbone=data.backbone)
+                                     config=config.as_dict(), backbone=data.backbone,
+                                     input_size=None if data.backbone else data.input_size)
         store.put_bytes(f"{checkpoint_prefix}{strategy_name}-seed{seed}.pt", checkpoint_bytes(checkpoint))
     return points
 

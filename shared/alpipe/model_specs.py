@@ -5,7 +5,7 @@ Kept apart from models.py so the API can validate a project's model without impo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import UserError
 
@@ -52,6 +52,12 @@ def get_model_spec(name: str) -> ModelSpec:
 
 def model_choices() -> str:
     return ", ".join((AUTO, *MODEL_NAMES))
+
+
+def model_spec(name: str, input_size: int | None = None) -> ModelSpec:
+    """The model's spec, at input_size pixels when given (a project's or simulate's --input-size)."""
+    spec = get_model_spec(name)
+    return replace(spec, input_size=input_size) if input_size else spec
 
 
 def check_model_name(name: str) -> None:

@@ -68,8 +68,8 @@ class ProjectCreate(BaseModel):
     finetune: bool | None = Field(None, description="true: train the whole network (GPU hosts); false: embedding "
                                                     "mode (frozen backbone, a head on cached embeddings); null: "
                                                     "embedding mode for pretrained backbones, else whole network")
-    input_size: int | None = Field(None, ge=32, le=512, description="embedding mode: the backbone's input size "
-                                                                     "in pixels (null = the backbone's default)")
+    input_size: int | None = Field(None, ge=32, le=512, description="pixels images are resized to for the model "
+                                                                     "(null = the model's default, 224 for backbones)")
     training: TrainOptions = Field(default_factory=TrainOptions)
     seed: int = 0
     label_policy: LabelPolicy = Field("latest", description="which label trains the model when labelers disagree: "

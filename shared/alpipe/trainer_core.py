@@ -32,8 +32,8 @@ from .checkpoints import checkpoint_bytes, read_checkpoint, read_pointer, stored
 from .config import Settings
 from .embeddings import BackboneIdentity, EmbeddingCache, build_head, load_backbone
 from .image_probe import image_kind
-from .model_specs import project_uses_embeddings
-from .models import ModelSpec, build_model, get_model_spec, model_in_channels
+from .model_specs import model_spec, project_uses_embeddings
+from .models import ModelSpec, build_model, model_in_channels
 from .pipeline import enqueue_scoring, load_project, maybe_enqueue_train, train_due, train_lock
 from .schemas import CurvePointOut, Project
 from .state import ProjectState
@@ -160,6 +160,7 @@ def _train_locked(project: Project, *, state: ProjectState, store: ObjectStore, 
     while True:
         checkpoint = make_checkpoint(model, model_name=project.model, model_version=version, classes=project.classes,
                                      in_channels=in_channels, backbone=backbone,
+                                     input_size=project.input_size if backbone is None else None,
                                      config={"train": config.as_dict(), "n_labeled": len(labels),
                                              "project": name, "seed": project.seed})
         if store.put_if_absent(keys.checkpoint_key(name, version), checkpoint_bytes(checkpoint)):
@@ -203,7 +204,7 @@ def _inputs_for(project: Project, train_ids: list[str], test_ids: list[str], pre
         test_x, test_ok, _ = embeddings.get_many(store, test_ids, backbone=backbone)
         return _Inputs(train_x[torch.from_numpy(train_ok)], train_ok, test_x[torch.from_numpy(test_ok)], test_ok,
                        None, 3, backbone.identity)
-    spec = get_model_spec(project.model)
+    spec = model_spec(project.model, project.input_size)
     if previous is not None:
         in_channels = int(previous["in_channels"])
     else:

@@ -199,7 +199,7 @@ def _fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, spec: 
 
 def make_checkpoint(model: nn.Module, *, model_name: str, model_version: int, classes: list[str],
                     in_channels: int, config: dict, optimizer: torch.optim.Optimizer | None = None,
-                    backbone: BackboneIdentity | None = None) -> dict:
+                    backbone: BackboneIdentity | None = None, input_size: int | None = None) -> dict:
     """A plain-dict checkpoint: everything needed to rebuild and use the model elsewhere.
 
     In embedding mode `model` is the head and `backbone` names the frozen backbone it sits on
@@ -214,6 +214,8 @@ def make_checkpoint(model: nn.Module, *, model_name: str, model_version: int, cl
         "in_channels": in_channels,
         "config": config,
     }
+    if input_size is not None:  # whole-network training at a size other than the model's default
+        checkpoint["input_size"] = input_size
     if backbone is not None:
         checkpoint["mode"] = "embedding"
         checkpoint["backbone"] = backbone.as_dict()

@@ -22,6 +22,7 @@ RUNNING = {"backbone": BACKBONE, "total": 5000, "done": 1234, "failed": 1, "imag
 NO_RATE_YET = {**RUNNING, "done": 0, "failed": 0, "images_per_s": None, "eta_s": None}
 SLOWER = {**RUNNING, "done": 4000, "failed": 0, "images_per_s": 2.25, "eta_s": 444.4}
 COMPLETE = {**RUNNING, "done": 5000, "failed": 0, "images_per_s": None, "eta_s": None, "complete": True}
+COMPLETE_BUT_ONE = {**COMPLETE, "done": 4999, "failed": 1}
 NOT_SET = object()  # the real answer as it is
 
 
@@ -60,7 +61,7 @@ def test_the_side_panel_shows_the_embedding_pass(pages, make_project):
     expect(text).to_have_text("Embedding images: 1,234 / 5,000 · 310 img/s · ~12 s left · 1 failed", **wait)
     expect(card).to_be_visible()
     expect(bar).to_be_visible()
-    expect(bar).to_have_attribute("aria-valuenow", "24")  # 1,234 of 5,000
+    expect(bar).to_have_attribute("aria-valuenow", "24")  # 1,234 embedded and 1 failed of 5,000
     width = page.locator("#embedding-bar").evaluate("el => el.style.width")
     assert width == "24.7%", width
     expect(page.locator("#embedding-sub")).to_contain_text("efficientnet_lite0@224")
@@ -77,6 +78,10 @@ def test_the_side_panel_shows_the_embedding_pass(pages, make_project):
     expect(card).to_have_class(re.compile(r"\bcomplete\b"))
     # The labeling around it goes on as before.
     expect(page.locator("#stat-model")).to_have_text("none")
+
+    answers(COMPLETE_BUT_ONE)  # an image that could not be decoded is said
+    expect(text).to_have_text("Embeddings ready (4,999 of 5,000 images) · 1 failed", **wait)
+    expect(bar).to_be_hidden()
 
     answers(None)  # a project out of embedding mode again: the card goes
     expect(card).to_be_hidden(**wait)

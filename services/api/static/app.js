@@ -486,11 +486,9 @@
 
   // Scroll the class list (not the page) so that button shows.
   function scrollWithin(box, el) {
-    const top = el.offsetTop - box.offsetTop;
-    if (top < box.scrollTop) box.scrollTop = top - 4;
-    else if (top + el.offsetHeight > box.scrollTop + box.clientHeight) {
-      box.scrollTop = top + el.offsetHeight - box.clientHeight + 4;
-    }
+    const outer = box.getBoundingClientRect(), inner = el.getBoundingClientRect();
+    if (inner.top < outer.top) box.scrollTop -= outer.top - inner.top + 4;
+    else if (inner.bottom > outer.bottom) box.scrollTop += inner.bottom - outer.bottom + 4;
   }
 
   function clearFilter() {
@@ -904,8 +902,9 @@
     sub.textContent = backbone ? `backbone ${backbone.split("/")[0]}` : "";
     sub.title = backbone;
     if (emb.complete) {
-      $("embedding-text").textContent = `Embeddings ready (${total.toLocaleString()} images)`
-        + (failed > 0 ? ` · ${failed.toLocaleString()} failed` : "");
+      $("embedding-text").textContent = failed > 0
+        ? `Embeddings ready (${done.toLocaleString()} of ${total.toLocaleString()} images) · ${failed.toLocaleString()} failed`
+        : `Embeddings ready (${total.toLocaleString()} images)`;
       $("embedding-progress").hidden = true;
     } else {
       const parts = [`Embedding images: ${done.toLocaleString()} / ${total.toLocaleString()}`];
@@ -918,7 +917,7 @@
         span.textContent = part;
         return i ? [" · ", span] : [span];
       }));
-      const share = total ? Math.min(1, done / total) : 0;
+      const share = total ? Math.min(1, (done + failed) / total) : 0; // failed images are done with too
       $("embedding-progress").hidden = false;
       $("embedding-progress").setAttribute("aria-valuenow", String(Math.floor(share * 100)));
       $("embedding-bar").style.width = `${(share * 100).toFixed(1)}%`;
