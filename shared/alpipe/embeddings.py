@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -299,30 +299,38 @@ class EmbeddingCache:
         def decode_batch(batch: list[int]) -> list[tuple[int, torch.Tensor | None, str | None]]:
             return [decode(i) for i in batch]
 
-        # Decoding the next batch overlaps the backbone's forward of this one (PIL releases the GIL).
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(decode_batch, batches[0])
+        # Decoding the next batch and writing the last one's embeddings (an fsync or a PUT each) overlap the
+        # backbone's forward of this one: PIL and file/network I/O release the GIL.
+        with ThreadPoolExecutor(1) as decoder, ThreadPoolExecutor(self.fetch_threads) as writer:
+            written: list[Future[bool]] = []
+
+            def account(futures: list[Future[bool]]) -> None:
+                stored = sum(f.result() for f in futures)
+                result.stored += stored
+                if on_progress is not None:
+                    on_progress(stored)
+
+            pending = decoder.submit(decode_batch, batches[0])
             for n in range(len(batches)):
                 decoded = pending.result()
                 if n + 1 < len(batches):
-                    pending = pool.submit(decode_batch, batches[n + 1])
+                    pending = decoder.submit(decode_batch, batches[n + 1])
                 good = [(i, t) for i, t, _ in decoded if t is not None]
                 for i, _, why in decoded:
                     if why is not None:
                         result.failed[ids[i]] = why
                         log.warning("embedding: skipped %s: %s", ids[i], why)
-                if not good:
-                    continue
-                vectors = backbone.embed(torch.stack([t for _, t in good]))
-                stored = 0
+                vectors = backbone.embed(torch.stack([t for _, t in good])) if good else []
+                writes = []
                 for (i, _), vector in zip(good, vectors, strict=True):
                     out[i], ok[i] = vector, True
-                    stored += store.put_if_absent(keys.embedding_key(identity.id, ids[i]), encode_embedding(vector))
+                    writes.append(writer.submit(store.put_if_absent, keys.embedding_key(identity.id, ids[i]),
+                                                encode_embedding(vector)))
                     self._remember(identity.id, ids[i], vector.clone())
                 result.computed += len(good)
-                result.stored += stored
-                if on_progress is not None:
-                    on_progress(stored)
+                account(written)
+                written = writes
+            account(written)
 
 
 class EmbeddingHead(nn.Module):

@@ -154,7 +154,8 @@ def embed_shard(job: EmbedJob, *, r: redis.Redis, store: ObjectStore, embeddings
                                  batch_size=settings.embed_batch_size)
         embed_pass.shard_started(r, name, backbone.identity.id)
         handled, embedded, computed, failed = 0, 0, 0, {}
-        step = backbone.batch_size
+        # Progress is written every few batches; within a step, decoding overlaps the backbone.
+        step = backbone.batch_size * 4
         for start in range(0, len(job.sample_ids), step):
             if settings.test_score_delay_s > 0:
                 time.sleep(settings.test_score_delay_s)

@@ -168,7 +168,7 @@ def test_a_scorer_killed_mid_pass_is_replaced_and_each_image_stored_once(redis_u
     setup = make_photo_project(local_store, r, settings)
     name, total = setup.project.name, N_POOL + N_TEST
     w = workers(settings)
-    slow = w.start("scorer", "scorer-slow", ALPIPE_EMBED_SHARD_SIZE=str(EMBED_SHARD), ALPIPE_EMBED_BATCH_SIZE="4",
+    slow = w.start("scorer", "scorer-slow", ALPIPE_EMBED_SHARD_SIZE=str(EMBED_SHARD), ALPIPE_EMBED_BATCH_SIZE="2",
                    ALPIPE_TEST_SCORE_DELAY_S="1.5")
 
     def slow_in_flight() -> bool:
