@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import pickle
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -124,7 +123,7 @@ def _load_state(model: nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+    except Exception as e:  # torch.load fails in many ways on a file that is not a state dict
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load weights from {path}: {first_line}") from e
 

@@ -85,12 +85,19 @@ def test_image_folder_with_a_corrupt_file_is_reported_and_skipped(data_dir, tmp_
     (["--initial", "50", "--budget", "30"], "--budget (30) is smaller than the initial random set"),
     (["--stop", "forever"], "unknown stopping rule 'forever'"),
     (["--dataset", "EMPTY"], "no readable images"),
+    (["--model", "small_cnn", "--no-finetune"], "small_cnn has no pretrained backbone"),
+    (["--model", "efficientnet_lite0", "--no-pretrained", "--no-finetune"], "is not pretrained"),
+    (["--model", "efficientnet_lite0", "--input-size", "8"], "--input-size must be between 32 and 512"),
+    (["--dataset", "digits", "--model", "efficientnet_lite0", "--input-size", "32", "--weights", "GARBAGE"],
+     "cannot load weights from"),
 ])
 def test_bad_input_is_one_clear_line_and_no_output(data_dir, tmp_path, args, message):
     empty = tmp_path / "empty"
     (empty / "a").mkdir(parents=True)
     (empty / "a" / "notes.txt").write_text("not an image")
-    args = [str(empty) if a == "EMPTY" else a for a in args]
+    garbage = tmp_path / "weights.pth"
+    garbage.write_bytes(b"these are not weights")
+    args = [str(empty) if a == "EMPTY" else str(garbage) if a == "GARBAGE" else a for a in args]
     out = tmp_path / "out"
     result = alpipe("simulate", *args, "--seeds", "1", "--out", str(out), data_dir=data_dir, timeout=120)
     assert result.returncode == 2
@@ -98,3 +105,20 @@ def test_bad_input_is_one_clear_line_and_no_output(data_dir, tmp_path, args, mes
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not (out / "curves.csv").exists()
+    assert not list(data_dir.glob("store/embeddings/*/*")), "no embedding was written"
+
+
+def test_photos_in_embedding_mode_by_default(data_dir, tmp_path):
+    """model auto on colour photos: efficientnet_lite0 in embedding mode, the pass shown as it runs."""
+    out = tmp_path / "photos"
+    args = ["simulate", "--dataset", "photos", "--strategies", "margin,random", "--seeds", "1", "--initial", "16",
+            "--query-size", "16", "--budget", "48", "--input-size", "32", "--out", str(out)]
+    result = alpipe(*args, data_dir=data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model efficientnet_lite0 (embedding mode, backbone efficientnet_lite0-32-" in result.stderr
+    assert "embedding photos" in result.stderr and "2000 computed, 0 already stored" in result.stderr
+    rows = list(csv.DictReader((out / "curves.csv").open()))
+    assert [int(r["n_labeled"]) for r in rows if r["strategy"] == "margin"] == [16, 32, 48]
+    assert float(rows[-1]["test_accuracy"]) > 0.5  # 8 classes: chance is 0.125
+    again = alpipe(*args, data_dir=data_dir)  # a second run embeds nothing
+    assert again.returncode == 0 and "0 computed, 2000 already stored" in again.stderr
