@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from .embeddings import BackboneIdentity, EmbeddingCache, build_head, load_backb
 from .errors import UserError
 from .image_probe import image_kind
 from .images import decode_images
-from .model_specs import AUTO, auto_model, check_model_name, model_spec, uses_embeddings
+from .model_specs import AUTO, auto_input_size, auto_model, check_model_name, model_spec, uses_embeddings
 from .models import ModelSpec, build_model, model_in_channels
 from .results import CurvePoint
 from .schemas import DatasetManifest, SampleRecord
@@ -95,19 +95,25 @@ class PreparedData:
         return None if self.backbone is not None else model_spec(self.model, self.input_size)
 
 
-def resolve_model(config: ExperimentConfig, manifest: DatasetManifest, store: ObjectStore) -> str:
-    """The model to run: config.model, or for 'auto' the choice for this dataset's kind of images."""
-    if config.model != AUTO:
-        return config.model
+def resolve_model(config: ExperimentConfig, manifest: DatasetManifest, store: ObjectStore) -> tuple[str, int | None]:
+    """(model, input size) to run: config's, or for 'auto' and an unset size the choice for this
+    dataset's kind of images (model_specs.auto_model and auto_input_size)."""
+    if config.model != AUTO and config.input_size is not None:
+        return config.model, config.input_size
     grayscale, max_side = image_kind(store, [s.id for s in manifest.samples])
-    return auto_model(grayscale=grayscale and manifest.channels == 1, max_side=max_side, finetune=config.finetune)
+    model = config.model
+    if model == AUTO:
+        model = auto_model(grayscale=grayscale and manifest.channels == 1, max_side=max_side,
+                           finetune=config.finetune)
+    return model, config.input_size or auto_input_size(model, max_side)
 
 
 def prepare_data(config: ExperimentConfig, *, store: ObjectStore, cache_dir: Path) -> PreparedData:
     """Load (ingesting on first use) and decode or embed the dataset; check the budget fits the pool."""
     manifest = load_dataset(config.dataset, store=store, cache_dir=cache_dir)
     labeled = [s for s in manifest.samples if s.label is not None]
-    model = resolve_model(config, manifest, store)
+    model, input_size = resolve_model(config, manifest, store)
+    config = replace(config, input_size=input_size)
     if uses_embeddings(model, finetune=config.finetune, pretrained=config.pretrained):
         labeled, vectors, backbone = _embed(labeled, model=model, config=config, store=store, name=manifest.name)
         return _split_data(config, manifest, labeled, vectors, in_channels=3, model=model, backbone=backbone)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import secrets
 import time
@@ -309,28 +310,32 @@ def _write_sample_batch(store: ObjectStore, project: str, records: list[SampleRe
 
 
 def resolve_auto_model(project: Project, sample_ids: list[str], *, store: ObjectStore, r: redis.Redis) -> Project:
-    """The project with model 'auto' replaced by the choice for its first images (written once).
+    """The project with model 'auto' and an unset input size of a backbone decided by its first images.
 
-    The first caller to claim the choice in Redis rewrites project.json and the registered
-    definition; concurrent callers adopt that choice, so every part of the system sees one model.
+    Written once: the first caller to claim the choice in Redis rewrites project.json and the
+    registered definition; concurrent callers adopt that choice, so every part of the system sees
+    one model at one input size (embeddings are keyed by it).
     """
     from .image_probe import image_kind
-    from .model_specs import AUTO, auto_model
+    from .model_specs import AUTO, BACKBONES, auto_input_size, auto_model
 
-    if project.model != AUTO or not sample_ids:
+    open_size = project.input_size is None and project.model in (AUTO, *BACKBONES)
+    if not sample_ids or (project.model != AUTO and not open_size):
         return project
     state = ProjectState(r, project.name)
     grayscale, max_side = image_kind(store, sample_ids)
-    choice = auto_model(grayscale=grayscale, max_side=max_side, finetune=project.finetune)
-    if state.r.set(state.key("auto_model"), choice, nx=True):
-        resolved = project.model_copy(update={"model": choice})
+    model = project.model if project.model != AUTO else auto_model(grayscale=grayscale, max_side=max_side,
+                                                                      finetune=project.finetune)
+    choice = {"model": model, "input_size": project.input_size or auto_input_size(model, max_side)}
+    if state.r.set(state.key("resolved"), json.dumps(choice), nx=True):
+        resolved = project.model_copy(update=choice)
         store.put_bytes(keys.project_key(project.name), resolved.model_dump_json(indent=1).encode(),
                         "application/json")
         state.register(resolved.model_dump_json())
-        log.info("%s: model auto is %s (%s images, up to %d px)", project.name, choice,
-                 "grayscale" if grayscale else "colour", max_side)
+        log.info("%s: runs %s at %s px (%s images, up to %d px)", project.name, model,
+                 choice["input_size"] or "its default", "grayscale" if grayscale else "colour", max_side)
         return resolved
-    return project.model_copy(update={"model": state.r.get(state.key("auto_model")).decode()})
+    return project.model_copy(update=json.loads(state.r.get(state.key("resolved"))))
 
 
 def add_upload(project: Project, data: bytes, *, filename: str | None, label: str | None, split: str,

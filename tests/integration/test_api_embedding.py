@@ -70,4 +70,5 @@ def test_finetune_keeps_whole_network_training(app_for, local: ObjectStore, tmp_
     import_folder(client, "tints", colour_folder(tmp_path / "colour"))
     info = client.get("/projects/tints").json()
     assert info["project"]["model"] == "efficientnet_lite0" and info["project"]["finetune"] is True
+    assert info["project"]["input_size"] == 64  # 48-px images: no upsampling to 224
     assert info["embedding"] is None

@@ -28,7 +28,7 @@ from alpipe.embeddings import (
 )
 from alpipe.errors import UserError
 from alpipe.inference import load_classifier
-from alpipe.model_specs import auto_model, uses_embeddings
+from alpipe.model_specs import auto_input_size, auto_model, uses_embeddings
 from alpipe.models import pretrained_weights_path
 from alpipe.storage import LocalStore
 from alpipe.training import make_checkpoint, resolve_device
@@ -73,6 +73,17 @@ def _store_images(store: LocalStore, n: int) -> list[str]:
 ])
 def test_auto_picks_as_documented(grayscale, side, finetune, expected):
     assert auto_model(grayscale=grayscale, max_side=side, finetune=finetune) == expected
+
+
+@pytest.mark.parametrize(("model", "side", "expected"), [
+    ("efficientnet_lite0", 8, 64),  # never below 64
+    ("efficientnet_lite0", 128, 128),  # the photo set: its own size
+    ("resnet18", 130, 160),  # up to a multiple of 32
+    ("efficientnet_lite0", 4000, 224),  # never above the size the weights were trained at
+    ("small_cnn", 28, None),  # its own 28 pixels
+])
+def test_auto_input_size_follows_the_images(model, side, expected):
+    assert auto_input_size(model, side) == expected
 
 
 def test_embedding_mode_is_the_default_for_pretrained_backbones_only():
