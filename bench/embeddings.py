@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import tempfile
 import time
 import uuid
@@ -43,7 +42,16 @@ from alpipe.state import ProjectState
 from alpipe.storage import LocalStore
 from alpipe.tensor_cache import TensorCache
 from alpipe.training import TrainConfig
-from bench.services import Api, fmt, label_queries, redis_server, round_times, wait_for_live_model
+from bench.services import (
+    Api,
+    fmt,
+    label_queries,
+    print_summary,
+    redis_server,
+    round_times,
+    wait_for_live_model,
+    wrap_up,
+)
 from services.scorer import jobs as scorer_jobs
 
 log = logging.getLogger("bench.embeddings")
@@ -311,14 +319,8 @@ def main() -> None:
             print_efficiency(rows, args)
             printers.append(lambda: print_efficiency(rows, args))
     finally:
-        if args.keep:
-            print(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if len(printers) > 1:
-        print(f"\n{'=' * 30} summary ({time.perf_counter() - started:.0f}s in all) {'=' * 30}")
-        for show in printers:
-            show()
+        wrap_up(tmp, keep=args.keep)
+    print_summary(printers, started)
 
 
 if __name__ == "__main__":

@@ -1003,10 +1003,20 @@ def main() -> None:
                 finally:
                     api.close()
     finally:
-        if args.keep:
-            print(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        wrap_up(tmp, keep=args.keep)
+    print_summary(printers, started)
+
+
+def wrap_up(tmp: Path, *, keep: bool) -> None:
+    """Remove the bench's temp dir, or say where it was kept."""
+    if keep:
+        print(f"kept {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_summary(printers: list[Callable[[], None]], started: float) -> None:
+    """Every part's table again at the end, so the figures stand together after the logs."""
     if len(printers) > 1:
         print(f"\n{'=' * 30} summary ({time.perf_counter() - started:.0f}s in all) {'=' * 30}")
         for show in printers:

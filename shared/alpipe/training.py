@@ -49,21 +49,23 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
 
 
 @contextlib.contextmanager
-def threads_for(spec: ModelSpec | None) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with n torch threads, then put the process's setting back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def threads_for(spec: ModelSpec | None) -> contextlib.AbstractContextManager:
     """One torch thread for a head on embeddings (spec None), the process's setting otherwise.
 
     A head's matrices are tiny: an OpenMP thread team costs more than it saves, and on a loaded
     host its spinning threads turned a 60 ms fit into 6 s (measured on 2 cores).
     """
-    if spec is not None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(1) if spec is None else contextlib.nullcontext()
 
 
 def model_inputs(batch: torch.Tensor, spec: ModelSpec | None, device: torch.device) -> torch.Tensor:

@@ -58,3 +58,25 @@ def test_cli_simulate_against_the_running_api(stack, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert "label_savings" in summary["strategies"]["least_confidence"]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_photos_in_embedding_mode_through_the_services(stack, tmp_path):
+    """model auto on colour photos through the services: the scorers' embedding pass, then head rounds."""
+    out = tmp_path / "photos"
+    result = subprocess.run(
+        [sys.executable, "-m", "alpipe.cli", "simulate", "--api", stack.api_url, "--dataset", "photos",
+         "--strategies", "margin", "--seeds", "1", "--initial", "16", "--query-size", "16", "--budget", "48",
+         "--input-size", "32", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+        env={**__import__("os").environ, "ALPIPE_DATA_DIR": str(stack.data_dir)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ready = [line for line in result.stderr.splitlines() if "embeddings ready" in line]
+    assert len(ready) == 1 and "2000 images by efficientnet_lite0-32-" in ready[0], result.stderr[-3000:]
+    rows = list(csv.DictReader((out / "curves.csv").open()))
+    assert [int(r["n_labeled"]) for r in rows] == [16, 32, 48]
+    assert float(rows[-1]["test_accuracy"]) > 0.5  # 8 classes
+    name = next(p["name"] for p in httpx.get(f"{stack.api_url}/projects").json() if p["name"].startswith("photos"))
+    info = httpx.get(f"{stack.api_url}/projects/{name}").json()
+    assert info["project"]["model"] == "efficientnet_lite0" and info["project"]["input_size"] == 32
+    assert info["embedding"]["complete"] and info["embedding"]["done"] == 2000
+    stack.check_alive()

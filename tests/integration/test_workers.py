@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from alpipe.schemas import CurvePointOut, Project, TrainOptions
 from alpipe.state import ProjectState
 from alpipe.storage import LocalStore, ObjectStore, S3Store
 from alpipe.tensor_cache import TensorCache
+from alpipe.training import torch_threads
 from tests.helpers import die_with_parent, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
@@ -202,15 +203,9 @@ def wait_for(check: Callable[[], bool], *, timeout: float, what: str, every: flo
     return time.monotonic() - started
 
 
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
+def one_torch_thread() -> AbstractContextManager:
     """Like a worker with ALPIPE_TORCH_THREADS=1: on a busy 2-core box more threads only contend."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
+    return torch_threads(1)
 
 
 def in_process_trainer_round(store: ObjectStore, r: redis.Redis, settings: Settings, project: str) -> dict:
