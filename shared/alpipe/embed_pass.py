@@ -163,14 +163,17 @@ def shard_started(r: redis.Redis, project: str, backbone_id: str) -> None:
     pipe.execute()
 
 
-def shard_progress(r: redis.Redis, project: str, shard: int, *, handled: int, stored: int,
+def shard_progress(r: redis.Redis, project: str, shard: int, *, handled: int, computed: int, stored: int,
                    failed: dict[str, str]) -> None:
     """Images of a running shard handled so far (overwritten, so a retried shard does not count twice);
-    `stored`: embeddings this scorer wrote just now (adds up to each image once over all attempts)."""
+    `computed`: images this scorer just ran through the backbone; `stored`: embeddings it wrote (over
+    all attempts, each image once)."""
     pipe = r.pipeline()
     pipe.hset(_key(project, "progress"), shard, handled)
+    if computed:
+        pipe.hincrby(_key(project, "meta"), "computed", computed)
     if stored:
-        pipe.hincrby(_key(project, "meta"), "computed", stored)
+        pipe.hincrby(_key(project, "meta"), "stored", stored)
     if failed:
         pipe.hset(_key(project, "failed"), mapping=failed)
     pipe.execute()
@@ -182,14 +185,43 @@ def shard_done(r: redis.Redis, project: str, shard: int, *, embedded: int, faile
                       _key(project, "pending"), shard, embedded, failed, time.time())) == 1
 
 
+def claim_images(r: redis.Redis, backbone_id: str, sample_ids: list[str], *, owner: str,
+                 ttl_s: float) -> tuple[list[str], dict[str, str]]:
+    """Claim the computing of these images' embeddings: (ids claimed now, {id: holder} of the rest).
+
+    A claim lapses after ttl_s, so the images of a scorer that died are claimed by the next one to ask.
+    """
+    pipe = r.pipeline(transaction=False)
+    for sid in sample_ids:
+        pipe.set(keys.embed_claim_key(backbone_id, sid), owner, nx=True, px=max(1, int(ttl_s * 1000)))
+    taken = pipe.execute()
+    others = [sid for sid, ok in zip(sample_ids, taken, strict=True) if not ok]
+    holders = r.mget([keys.embed_claim_key(backbone_id, sid) for sid in others]) if others else []
+    return ([sid for sid, ok in zip(sample_ids, taken, strict=True) if ok],
+            {sid: (h or b"").decode() for sid, h in zip(others, holders, strict=True)})
+
+
+def mark_failed_claims(r: redis.Redis, backbone_id: str, failed: dict[str, str], *, ttl_s: float) -> None:
+    """Tell scorers waiting on these images that they cannot be decoded (so they stop waiting)."""
+    pipe = r.pipeline(transaction=False)
+    for sid, why in failed.items():
+        pipe.set(keys.embed_claim_key(backbone_id, sid), f"failed {why}", px=max(1, int(ttl_s * 1000)))
+    pipe.execute()
+
+
 def failures(r: redis.Redis, project: str) -> dict[str, str]:
     """Images the pass could not embed, with why."""
     return {k.decode(): v.decode() for k, v in r.hgetall(_key(project, "failed")).items()}
 
 
 def computed(r: redis.Redis, project: str) -> int:
-    """Embeddings written to object storage by this project's pass (each image at most once)."""
+    """Images this project's pass ran through the backbone (0 when every embedding was stored already)."""
     return int(r.hget(_key(project, "meta"), "computed") or 0)
+
+
+def stored(r: redis.Redis, project: str) -> int:
+    """Embeddings this project's pass wrote to object storage (each image at most once)."""
+    return int(r.hget(_key(project, "meta"), "stored") or 0)
 
 
 def progress(r: redis.Redis, project: Project, *, now: float | None = None) -> EmbeddingProgress | None:

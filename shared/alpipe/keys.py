@@ -144,6 +144,12 @@ def embed_key(project: str, *parts: object) -> str:
     return redis_key(project, "embed", *parts)
 
 
+def embed_claim_key(backbone_id: str, sample_id: str) -> str:
+    """Held (with a TTL) by the scorer computing one image's embedding, so that passes of several
+    projects over the same image compute it once; 'failed <why>' when it could not be decoded."""
+    return f"alpipe:embed_claim:{backbone_id}:{sample_id}"
+
+
 def embed_heartbeat_key(project: str, shard: int) -> str:
     """Set (with a TTL, refreshed) while a scorer embeds one shard of the project's images."""
     return redis_key(project, "hb", "embed", shard)

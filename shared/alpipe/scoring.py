@@ -22,7 +22,7 @@ import torch
 from . import embed_pass, keys
 from .checkpoints import LoadedModel, model_from_checkpoint, read_checkpoint
 from .config import Settings
-from .embeddings import EmbeddingCache, load_backbone
+from .embeddings import Backbone, EmbeddingCache, EmbedResult, load_backbone
 from .model_specs import project_uses_embeddings
 from .pipeline import embedding_pass_complete, finish_ranking, load_project, score_heartbeat
 from .schemas import EmbedJob, ScoreJob
@@ -131,6 +131,40 @@ def score_shard(job: ScoreJob, *, r: redis.Redis, store: ObjectStore, models: Mo
             "made_live": made_live, "seconds": round(seconds, 3)}
 
 
+def _embed_claimed(r: redis.Redis, store: ObjectStore, ids: list[str], *, embeddings: EmbeddingCache,
+                   backbone: Backbone, owner: str, ttl_s: float, poll_s: float = 0.2) -> EmbedResult:
+    """Embeddings of ids, each computed by one scorer however many passes (projects) contain it.
+
+    This scorer computes (or reads) the images it claims; for those claimed by another it waits
+    until their embeddings are stored, or their claim lapses (that scorer died) and it claims them.
+    """
+    bid = backbone.identity.id
+    total = EmbedResult(failed={})
+    pending = list(ids)
+    while pending:
+        mine, holders = embed_pass.claim_images(r, bid, pending, owner=owner, ttl_s=ttl_s)
+        if mine:
+            _, _, result = embeddings.get_many(store, mine, backbone=backbone)
+            total.computed += result.computed
+            total.stored += result.stored
+            total.found += result.found
+            total.failed.update(result.failed or {})
+            if result.failed:
+                embed_pass.mark_failed_claims(r, bid, result.failed, ttl_s=ttl_s)
+        for sid, holder in holders.items():
+            if holder.startswith("failed "):
+                total.failed[sid] = holder.removeprefix("failed ")
+        waiting = [sid for sid in holders if sid not in total.failed]
+        if not waiting:
+            break
+        _, ok, _ = embeddings.get_many(store, waiting, backbone=backbone.identity)
+        total.found += int(ok.sum())
+        pending = [sid for sid, good in zip(waiting, ok, strict=True) if not good]
+        if pending:
+            time.sleep(poll_s)
+    return total
+
+
 def embed_shard(job: EmbedJob, *, r: redis.Redis, store: ObjectStore, embeddings: EmbeddingCache,
                 device: torch.device, settings: Settings, job_id: str | None = None) -> dict:
     """Embed one shard of a project's embedding pass (alpipe.embed_pass), mark it done.
@@ -160,13 +194,14 @@ def embed_shard(job: EmbedJob, *, r: redis.Redis, store: ObjectStore, embeddings
             if settings.test_score_delay_s > 0:
                 time.sleep(settings.test_score_delay_s)
             chunk = job.sample_ids[start:start + step]
-            _, ok, result = embeddings.get_many(store, chunk, backbone=backbone)
+            result = _embed_claimed(r, store, chunk, embeddings=embeddings, backbone=backbone,
+                                    owner=heartbeat.value, ttl_s=4 * settings.heartbeat_ttl_s)
             handled += len(chunk)
-            embedded += int(ok.sum())
+            embedded += len(chunk) - len(result.failed)
             computed += result.computed
-            failed.update(result.failed or {})
-            embed_pass.shard_progress(r, name, shard, handled=handled, stored=result.stored,
-                                      failed=result.failed or {})
+            failed.update(result.failed)
+            embed_pass.shard_progress(r, name, shard, handled=handled, computed=result.computed, stored=result.stored,
+                                      failed=result.failed)
         completed = embed_pass.shard_done(r, name, shard, embedded=embedded, failed=len(failed))
     seconds = time.perf_counter() - started
     log.info("%s: embedding shard %d: %d images (%d computed, %d failed) in %.2fs by %s", name, shard,

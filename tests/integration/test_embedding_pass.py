@@ -18,6 +18,7 @@ import numpy as np
 import redis
 import torch
 from PIL import Image
+from rq import Worker
 
 from alpipe import embed_pass, embeddings, keys, pipeline, scoring
 from alpipe.checkpoints import read_checkpoint, read_pointer
@@ -79,12 +80,12 @@ def make_photo_project(store: ObjectStore, r: redis.Redis, settings: Settings, *
     state = ProjectState(r, name)
     state.register(project.model_dump_json())
     state.add_samples(records)
-    assert embed_pass.add_samples(r, project, ids, settings=settings) == -(-len(ids) // EMBED_SHARD)
+    assert embed_pass.add_samples(r, project, ids, settings=settings) == -(-len(ids) // settings.embed_shard_size)
     return Setup(project, state, truth, ids)
 
 
 def settings_with(redis_url: str, store: ObjectStore, s3_server=None, **extra) -> Settings:
-    return make_settings(redis_url, store_settings(store, s3_server), embed_shard_size=EMBED_SHARD, **extra)
+    return make_settings(redis_url, store_settings(store, s3_server), **{"embed_shard_size": EMBED_SHARD, **extra})
 
 
 def in_process_workers(settings: Settings, r: redis.Redis, store: ObjectStore) -> Settings:
@@ -127,7 +128,7 @@ def test_pass_then_rounds_through_real_workers(redis_url, redis_client, store, w
     assert progress.images_per_s and progress.images_per_s > 0 and progress.eta_s == 0.0
     assert progress.backbone.startswith("efficientnet_lite0-32-")
     # Each image embedded and stored exactly once, under the backbone's id.
-    assert embed_pass.computed(r, name) == total
+    assert embed_pass.computed(r, name) == embed_pass.stored(r, name) == total
     stored = embedding_objects(store)
     assert len(stored) == total and {k.split("/")[1] for k in stored} == {progress.backbone}
 
@@ -190,7 +191,7 @@ def test_a_scorer_killed_mid_pass_is_replaced_and_each_image_stored_once(redis_u
     wait_for(lambda: embed_pass.is_complete(r, setup.project), timeout=90, what="the pass after the kill",
              on_tick=reconcile_tick, logs=w.all_logs)
     assert any(rep["embedding"].get(name, {}).get("resubmitted") for rep in reports), reports
-    assert embed_pass.computed(r, name) == total  # stored once each, whatever was computed twice
+    assert embed_pass.stored(r, name) == total  # stored once each, whatever the killed one had computed
     assert len(embedding_objects(local_store)) == total
     progress = embed_pass.progress(r, setup.project)
     assert (progress.done, progress.failed) == (total, 0)
@@ -250,3 +251,23 @@ def test_recovery_replans_the_pass_from_stored_embeddings(redis_url, redis_clien
     run_burst(r, keys.QUEUE_SCORE)
     assert embed_pass.is_complete(r, setup.project) and backbone_forwards() == before
     assert embed_pass.computed(r, setup.project.name) == 0
+
+
+def test_passes_of_two_projects_at_once_compute_each_image_once(redis_url, redis_client, local_store, workers):
+    """Two projects over the same images, one shard each, embedded by two scorers at the same time."""
+    r = redis_client
+    settings = settings_with(redis_url, local_store, embed_shard_size=N_POOL + N_TEST)
+    w = workers(settings)
+    for i in (1, 2):  # both idle and listening before any shard is queued
+        w.start("scorer", f"scorer-{i}", ALPIPE_EMBED_BATCH_SIZE="4", ALPIPE_TEST_SCORE_DELAY_S="0.2")
+    wait_for(lambda: len(Worker.all(connection=r)) == 2, timeout=60, what="two scorers", logs=w.all_logs)
+    first = make_photo_project(local_store, r, settings, name="first")
+    second = make_photo_project(local_store, r, settings, name="second")
+    wait_for(lambda: embed_pass.is_complete(r, first.project) and embed_pass.is_complete(r, second.project),
+             timeout=120, what="both passes", logs=w.all_logs)
+    total = N_POOL + N_TEST
+    assert embed_pass.computed(r, "first") + embed_pass.computed(r, "second") == total  # no image twice
+    assert embed_pass.stored(r, "first") + embed_pass.stored(r, "second") == total
+    assert len(embedding_objects(local_store)) == total
+    for project in (first.project, second.project):
+        assert embed_pass.progress(r, project).done == total
