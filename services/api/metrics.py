@@ -37,6 +37,9 @@ class _StateCollector:
                                      labels=["project", "state"])
         embed_rate = GaugeMetricFamily("alpipe_embedding_images_per_second",
                                        "Speed of a project's embedding pass so far", labels=["project"])
+        embed_eta = GaugeMetricFamily("alpipe_embedding_eta_seconds",
+                                      "Seconds left in a project's embedding pass at its speed so far (0 when done)",
+                                      labels=["project"])
         queues = GaugeMetricFamily("alpipe_queue_depth", "Jobs waiting in an rq queue", labels=["queue"])
         up = GaugeMetricFamily("alpipe_redis_up", "1 when the last scrape could read Redis")
         try:
@@ -55,13 +58,15 @@ class _StateCollector:
                     for kind in ("total", "done", "failed"):
                         embedded.add_metric([name, kind], getattr(progress, kind))
                     embed_rate.add_metric([name], progress.images_per_s or 0.0)
+                    if progress.eta_s is not None:
+                        embed_eta.add_metric([name], progress.eta_s)
             for queue, depth in queue_depths(r=r).items():
                 queues.add_metric([queue], depth)
             up.add_metric([], 1)
         except redis.RedisError as e:
             log.warning("metrics: cannot read Redis: %s", e)
             up.add_metric([], 0)
-        yield from (samples, models, ranking, embedded, embed_rate, queues, up)
+        yield from (samples, models, ranking, embedded, embed_rate, embed_eta, queues, up)
 
 
 class ApiMetrics:

@@ -11,7 +11,9 @@ from rq import Queue
 
 from alpipe import keys
 from alpipe.storage import ObjectStore
+from services.scorer import jobs as scorer_jobs
 from tests.integration.test_api import import_folder, make_image_folder, new_project
+from tests.integration.test_workers import run_burst
 
 
 def colour_folder(root: Path, per_class: int = 6) -> Path:
@@ -62,6 +64,18 @@ def test_auto_is_a_backbone_in_embedding_mode_for_colour_images(app_for, local: 
     assert client.post("/projects/tints/labels", json={"labels": labels}).status_code == 200
     assert client.post("/projects/tints/train").json()["job_id"] is None
     assert Queue(keys.QUEUE_TRAIN, connection=redis_client).count == 0
+
+    # The scorers run the pass; its end shows everywhere, and the training that waited is queued.
+    scorer_jobs.configure(client.app.state.settings, redis_client=redis_client, store=local)
+    run_burst(redis_client, keys.QUEUE_SCORE)
+    embedding = client.get("/projects/tints").json()["embedding"]
+    assert embedding["complete"] and embedding["done"] == total and embedding["eta_s"] == 0.0
+    assert embedding["backbone"].startswith("efficientnet_lite0-32-") and embedding["images_per_s"] > 0
+    metrics = client.get("/metrics").text
+    assert f'alpipe_embedding_images{{project="tints",state="done"}} {float(total)}' in metrics
+    assert 'alpipe_embedding_eta_seconds{project="tints"} 0.0' in metrics
+    # The train request made during the pass was kept: the job completing the pass queued it.
+    assert Queue(keys.QUEUE_TRAIN, connection=redis_client).get_job_ids() == ["train-tints-n2"]
 
 
 def test_finetune_keeps_whole_network_training(app_for, local: ObjectStore, tmp_path: Path) -> None:
