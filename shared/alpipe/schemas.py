@@ -173,7 +173,8 @@ class EmbedJob(BaseModel):
     """One shard of a project's embedding pass: embed these images with the project's backbone."""
 
     project: str
-    backbone: str = Field(description="the backbone id the pass was planned for")
+    backbone: str = Field(description="the backbone and input size the pass was planned for (model@size), for "
+                                      "logs and dashboards; the scorer embeds with the project's backbone")
     shard: int
     sample_ids: list[str]
 
