@@ -32,7 +32,7 @@ from rq import Queue, SimpleWorker
 from alpipe import embed_pass, keys
 from alpipe.config import Settings
 from alpipe.data import ingest_folder, load_dataset, materialize_builtin, photo_patches, write_image_folder
-from alpipe.embeddings import EMBED_DTYPE, EmbeddingCache, encode_embedding, load_backbone
+from alpipe.embeddings import EMBED_DTYPE, EmbeddingCache, backbone_identity, encode_embedding, load_backbone
 from alpipe.experiment import write_results
 from alpipe.loop import ExperimentConfig, run_experiment
 from alpipe.models import normalize_batch
@@ -131,7 +131,7 @@ def print_pass(res: dict) -> None:
 def part_memory(tmp: Path, args: argparse.Namespace) -> dict:
     store = LocalStore(tmp / "memory")
     n, dim = args.pool, 1280
-    identity = replace(load_backbone(BACKBONE, input_size=64, device=torch.device("cpu")).identity)
+    identity = backbone_identity(BACKBONE, input_size=64)  # no network needed: only stored vectors are read
     rng = np.random.default_rng(0)
     ids = [f"{i:064x}" for i in range(n)]
     for sid in ids:

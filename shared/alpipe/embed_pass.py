@@ -32,7 +32,7 @@ from . import keys
 from .config import Settings
 from .model_specs import embed_input_size, project_uses_embeddings
 from .schemas import EmbeddingProgress, EmbedJob, Project
-from .work import enqueue_job, is_alive, job_states
+from .work import enqueue_job, unattended_shards
 
 log = logging.getLogger(__name__)
 
@@ -268,24 +268,12 @@ def reconcile(r: redis.Redis, project: Project, *, settings: Settings, now: floa
     missing = [i for i in range(shards) if i not in done]
     if not missing:
         return report
-    pipe = r.pipeline(transaction=False)
-    for i in missing:
-        pipe.exists(keys.embed_heartbeat_key(name, i))
-    candidates = [i for i, beating in zip(missing, pipe.execute(), strict=True) if not beating]
-    if not candidates:
-        return report
     jobs_key = _key(name, "jobs")
-    fields = r.hmget(jobs_key, [f for i in candidates for f in (str(i), f"{i}:attempts", f"{i}:planned_at")])
-    ids = [v.decode() if v else None for v in fields[0::3]]
-    for i, job_id, attempts, planned_at, (status, started_at) in zip(
-            candidates, ids, fields[1::3], fields[2::3], job_states(r, ids), strict=True):
-        if is_alive(status, started_at, now=now, grace_s=settings.heartbeat_ttl_s):
-            continue
-        if status is None and now - float(planned_at or 0) < settings.heartbeat_ttl_s:
-            continue  # its job is being queued right now
+    for lost in unattended_shards(r, missing, jobs_key=jobs_key, now=now, grace_s=settings.heartbeat_ttl_s,
+                                  heartbeat_key=lambda i: keys.embed_heartbeat_key(name, i)):
+        i, job_id, attempt, status = lost.shard, lost.job_id, lost.attempts, lost.status
         if shard_is_done(r, name, i):
             continue
-        attempt = int(attempts or 0)
         if attempt >= settings.max_job_attempts:
             # Its images count as failed, so the pass (and training, which waits for it) can finish.
             report["gave_up"].append(i)

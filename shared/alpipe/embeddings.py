@@ -18,9 +18,10 @@ import hashlib
 import json
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -188,7 +189,7 @@ class EmbedResult:
     computed: int = 0
     stored: int = 0  # of the computed ones, how many this call wrote (the others were written meanwhile)
     found: int = 0
-    failed: dict[str, str] | None = None
+    failed: dict[str, str] = field(default_factory=dict)  # sample id -> why it has no embedding
 
 
 class EmbeddingCache:
@@ -201,7 +202,7 @@ class EmbeddingCache:
     def __init__(self, max_bytes: int = 1 << 30, *, fetch_threads: int = 8):
         self.max_bytes = max_bytes
         self.fetch_threads = max(1, fetch_threads)
-        self._items: dict[tuple[str, str], torch.Tensor] = {}
+        self._items: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -220,12 +221,15 @@ class EmbeddingCache:
             self._items[key] = vector
             self._bytes += vector.numel() * vector.element_size()
             while self._bytes > self.max_bytes and self._items:
-                oldest = next(iter(self._items))
-                self._bytes -= self._items.pop(oldest).numel() * vector.element_size()
+                _, evicted = self._items.popitem(last=False)
+                self._bytes -= evicted.numel() * evicted.element_size()
 
     def get_many(self, store: ObjectStore, ids: Sequence[str], *, backbone: Backbone | BackboneIdentity,
                  on_progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, np.ndarray, EmbedResult]:
         """(float16 (N, dim) embeddings, bool mask of the usable ones, what was done) for ids, in order.
+
+        on_progress(n) is called as n more of the ids are handled (found, computed or failed), for a
+        progress bar.
 
         Missing embeddings are computed when a Backbone is given (and written to the store); with
         only an identity they count as failed. Images that cannot be decoded are failed, reported
@@ -235,7 +239,7 @@ class EmbeddingCache:
         bid, dim = identity.id, identity.dim
         out = torch.zeros((len(ids), dim), dtype=EMBED_DTYPE)
         ok = np.zeros(len(ids), dtype=bool)
-        result = EmbedResult(failed={})
+        result = EmbedResult()
         missing: list[int] = []
         with self._lock:
             for i, sid in enumerate(ids):
@@ -243,6 +247,7 @@ class EmbeddingCache:
                 if vector is None:
                     missing.append(i)
                 else:
+                    self._items.move_to_end((bid, sid))
                     out[i], ok[i] = vector, True
         found = self._read_stored(store, ids, missing, identity)
         for i, vector in found.items():
@@ -250,8 +255,8 @@ class EmbeddingCache:
             self._remember(bid, ids[i], vector)
         result.found = len(found)
         todo = [i for i in missing if i not in found]
-        if todo and on_progress is not None:
-            on_progress(0)
+        if on_progress is not None:
+            on_progress(len(ids) - len(todo))  # in memory or in storage: done already
         if todo and isinstance(backbone, Backbone):
             self._compute(store, ids, todo, backbone, out, ok, result, on_progress)
         elif todo:
@@ -303,12 +308,12 @@ class EmbeddingCache:
         # backbone's forward of this one: PIL and file/network I/O release the GIL.
         with ThreadPoolExecutor(1) as decoder, ThreadPoolExecutor(self.fetch_threads) as writer:
             written: list[Future[bool]] = []
+            last_handled = 0
 
-            def account(futures: list[Future[bool]]) -> None:
-                stored = sum(f.result() for f in futures)
-                result.stored += stored
-                if on_progress is not None:
-                    on_progress(stored)
+            def account(futures: list[Future[bool]], handled: int) -> None:
+                result.stored += sum(f.result() for f in futures)
+                if on_progress is not None and handled:
+                    on_progress(handled)
 
             pending = decoder.submit(decode_batch, batches[0])
             for n in range(len(batches)):
@@ -328,9 +333,9 @@ class EmbeddingCache:
                                                 encode_embedding(vector)))
                     self._remember(identity.id, ids[i], vector.clone())
                 result.computed += len(good)
-                account(written)
-                written = writes
-            account(written)
+                account(written, last_handled)
+                written, last_handled = writes, len(decoded)
+            account(written, last_handled)
 
 
 class EmbeddingHead(nn.Module):

@@ -19,7 +19,7 @@ from .embeddings import BackboneIdentity, EmbeddingCache, build_head, load_backb
 from .errors import UserError
 from .image_probe import image_kind
 from .images import decode_images
-from .model_specs import AUTO, auto_input_size, auto_model, check_model_name, model_spec, uses_embeddings
+from .model_specs import AUTO, check_model_name, model_spec, resolve_auto, uses_embeddings
 from .models import ModelSpec, build_model, model_in_channels
 from .results import CurvePoint
 from .schemas import DatasetManifest, SampleRecord
@@ -101,11 +101,8 @@ def resolve_model(config: ExperimentConfig, manifest: DatasetManifest, store: Ob
     if config.model != AUTO and config.input_size is not None:
         return config.model, config.input_size
     grayscale, max_side = image_kind(store, [s.id for s in manifest.samples])
-    model = config.model
-    if model == AUTO:
-        model = auto_model(grayscale=grayscale and manifest.channels == 1, max_side=max_side,
-                           finetune=config.finetune)
-    return model, config.input_size or auto_input_size(model, max_side)
+    return resolve_auto(config.model, config.input_size, finetune=config.finetune,
+                        grayscale=grayscale and manifest.channels == 1, max_side=max_side)
 
 
 def prepare_data(config: ExperimentConfig, *, store: ObjectStore, cache_dir: Path) -> PreparedData:
@@ -139,9 +136,8 @@ def _embed(labeled: list[SampleRecord], *, model: str, config: ExperimentConfig,
               disable=len(labeled) < 100) as bar:
         vectors, ok, result = EmbeddingCache().get_many(store, [s.id for s in labeled], backbone=backbone,
                                                         on_progress=bar.update)
-        bar.update(bar.total - bar.n)
     log.info("%s: embeddings by %s: %d computed, %d already stored, %d unusable", name, backbone.identity.id,
-             result.computed, result.found, len(result.failed or {}))
+             result.computed, result.found, len(result.failed))
     keep = np.flatnonzero(ok)
     return [labeled[i] for i in keep], vectors[torch.from_numpy(keep)], backbone.identity
 

@@ -111,6 +111,15 @@ def auto_input_size(model: str, max_side: int) -> int | None:
     return min(MAX_AUTO_SIZE, max(MIN_AUTO_SIZE, -(-max_side // 32) * 32))
 
 
+def resolve_auto(model: str, input_size: int | None, *, finetune: bool | None, grayscale: bool,
+                 max_side: int) -> tuple[str, int | None]:
+    """(model, input size) for images of this kind: 'auto' and an unset size decided as documented
+    (auto_model, auto_input_size); what was given is kept."""
+    if model == AUTO:
+        model = auto_model(grayscale=grayscale, max_side=max_side, finetune=finetune)
+    return model, input_size or auto_input_size(model, max_side)
+
+
 def embed_input_size(model: str, input_size: int | None) -> int:
     """The input size a backbone embeds at: the given one, or the model's default (224)."""
     return input_size or get_model_spec(model).input_size

@@ -55,6 +55,7 @@ from .work import (  # noqa: F401  (re-exported: the orchestration's public name
     is_alive,
     job_options,
     job_states,
+    unattended_shards,
     worker_identity,
 )
 
@@ -280,23 +281,9 @@ def _revive_shards(r: redis.Redis, project: Project, version: int, n_shards: int
     if not missing:
         return report
     jobs_key = keys.shard_jobs_key(project.name, version)
-    pipe = r.pipeline(transaction=False)
-    for i in missing:
-        pipe.exists(keys.score_heartbeat_key(project.name, version, i))
-    alive = pipe.execute()
-    candidates = [i for i, beating in zip(missing, alive, strict=True) if not beating]
-    if not candidates:
-        return report
-    fields = r.hmget(jobs_key, ["planned_at"] + [str(i) for i in candidates] + [f"{i}:attempts" for i in candidates])
-    planned_at = float(fields[0]) if fields[0] else 0.0
-    job_ids = [v.decode() if v else None for v in fields[1:len(candidates) + 1]]
-    attempts = [int(v) if v else 0 for v in fields[len(candidates) + 1:]]
-    states = job_states(r, job_ids)
-    for i, job_id, attempt, (status, started_at) in zip(candidates, job_ids, attempts, states, strict=True):
-        if is_alive(status, started_at, now=now, grace_s=settings.heartbeat_ttl_s):
-            continue
-        if status is None and now - planned_at < settings.heartbeat_ttl_s:
-            continue  # the fan-out is enqueueing it right now
+    for lost in unattended_shards(r, missing, jobs_key=jobs_key, now=now, grace_s=settings.heartbeat_ttl_s,
+                                  heartbeat_key=lambda i: keys.score_heartbeat_key(project.name, version, i)):
+        i, job_id, attempt, status = lost.shard, lost.job_id, lost.attempts, lost.status
         if i in state.shards_done(version):  # finished while we looked
             continue
         if attempt >= settings.max_job_attempts:

@@ -317,16 +317,16 @@ def resolve_auto_model(project: Project, sample_ids: list[str], *, store: Object
     one model at one input size (embeddings are keyed by it).
     """
     from .image_probe import image_kind
-    from .model_specs import AUTO, BACKBONES, auto_input_size, auto_model
+    from .model_specs import AUTO, BACKBONES, resolve_auto
 
     open_size = project.input_size is None and project.model in (AUTO, *BACKBONES)
     if not sample_ids or (project.model != AUTO and not open_size):
         return project
     state = ProjectState(r, project.name)
     grayscale, max_side = image_kind(store, sample_ids)
-    model = project.model if project.model != AUTO else auto_model(grayscale=grayscale, max_side=max_side,
-                                                                      finetune=project.finetune)
-    choice = {"model": model, "input_size": project.input_size or auto_input_size(model, max_side)}
+    model, input_size = resolve_auto(project.model, project.input_size, finetune=project.finetune,
+                                     grayscale=grayscale, max_side=max_side)
+    choice = {"model": model, "input_size": input_size}
     if state.r.set(state.key("resolved"), json.dumps(choice), nx=True):
         resolved = project.model_copy(update=choice)
         store.put_bytes(keys.project_key(project.name), resolved.model_dump_json(indent=1).encode(),

@@ -139,7 +139,7 @@ def _embed_claimed(r: redis.Redis, store: ObjectStore, ids: list[str], *, embedd
     until their embeddings are stored, or their claim lapses (that scorer died) and it claims them.
     """
     bid = backbone.identity.id
-    total = EmbedResult(failed={})
+    total = EmbedResult()
     pending = list(ids)
     while pending:
         mine, holders = embed_pass.claim_images(r, bid, pending, owner=owner, ttl_s=ttl_s)
@@ -148,7 +148,7 @@ def _embed_claimed(r: redis.Redis, store: ObjectStore, ids: list[str], *, embedd
             total.computed += result.computed
             total.stored += result.stored
             total.found += result.found
-            total.failed.update(result.failed or {})
+            total.failed.update(result.failed)
             if result.failed:
                 embed_pass.mark_failed_claims(r, bid, result.failed, ttl_s=ttl_s)
         for sid, holder in holders.items():

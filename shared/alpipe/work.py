@@ -12,7 +12,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import redis
 from rq import Queue
@@ -183,3 +184,44 @@ def enqueue_job(r: redis.Redis, queue_name: str, func: str, payload: dict, job_i
         Job.fetch(job_id, connection=r).delete(remove_from_queue=True)
     return queue.enqueue_call(func, args=(payload,), job_id=job_id, description=description,
                               **job_options(settings))
+
+
+@dataclass
+class Unattended:
+    """A planned shard that nobody is doing: its last job id and how many attempts it has had."""
+
+    shard: int
+    job_id: str | None
+    attempts: int
+    status: str | None
+
+
+def unattended_shards(r: redis.Redis, missing: list[int], *, heartbeat_key: Callable[[int], str], jobs_key: str,
+                      now: float, grace_s: float) -> list[Unattended]:
+    """The shards of `missing` (not done) with no live heartbeat and no job that will run or is running.
+
+    jobs_key is a hash: shard -> its latest job id, '<shard>:attempts', and the time it was planned,
+    '<shard>:planned_at' or 'planned_at' for the whole plan; a shard planned less than grace_s ago
+    and still without a job is being enqueued right now, so it is not unattended.
+    """
+    if not missing:
+        return []
+    pipe = r.pipeline(transaction=False)
+    for i in missing:
+        pipe.exists(heartbeat_key(i))
+    candidates = [i for i, beating in zip(missing, pipe.execute(), strict=True) if not beating]
+    if not candidates:
+        return []
+    fields = r.hmget(jobs_key, ["planned_at"] + [f for i in candidates
+                                                 for f in (str(i), f"{i}:attempts", f"{i}:planned_at")])
+    plan_wide = float(fields[0] or 0)
+    ids = [v.decode() if v else None for v in fields[1::3]]
+    out = []
+    for i, job_id, attempts, planned_at, (status, started_at) in zip(
+            candidates, ids, fields[2::3], fields[3::3], job_states(r, ids), strict=True):
+        if is_alive(status, started_at, now=now, grace_s=grace_s):
+            continue
+        if status is None and now - float(planned_at or plan_wide) < grace_s:
+            continue
+        out.append(Unattended(i, job_id, int(attempts or 0), status))
+    return out

@@ -150,8 +150,10 @@ def test_each_image_is_embedded_once_then_read_from_memory_or_storage(tmp_path):
     again, _, result = cache.get_many(store, ids[::-1], backbone=backbone)  # memory
     assert torch.equal(again, vectors.flip(0)) and result.computed == 0 and backbone.forwards == 10
     # Another process (another project on the same images): read from storage, zero backbone calls.
-    fresh, ok, result = EmbeddingCache().get_many(store, ids, backbone=backbone)
+    progress: list[int] = []
+    fresh, ok, result = EmbeddingCache().get_many(store, ids, backbone=backbone, on_progress=progress.append)
     assert torch.equal(fresh, vectors) and ok.all() and result.found == 10 and backbone.forwards == 10
+    assert progress == [10]  # all there already
     # Expected values: the mean colour, normalized as the backbone's spec says.
     expected = torch.tensor([(0 / 255 - 0.5) / 0.5, (100 / 255 - 0.5) / 0.5, (200 / 255 - 0.5) / 0.5])
     assert torch.allclose(vectors[0].float(), expected, atol=1e-2)
@@ -172,8 +174,11 @@ def test_a_corrupt_image_is_reported_and_skipped(tmp_path):
     store = LocalStore(tmp_path)
     ids = _store_images(store, 5)
     store.put_bytes(keys.image_key(ids[2]), _png((1, 2, 3))[:40])  # truncated PNG
-    _, ok, result = EmbeddingCache().get_many(store, ids + ["f" * 64], backbone=_stand_in())
+    progress: list[int] = []
+    _, ok, result = EmbeddingCache().get_many(store, ids + ["f" * 64], backbone=_stand_in(),
+                                              on_progress=progress.append)
     assert ok.tolist() == [True, True, False, True, True, False]
+    assert sum(progress) == 6  # a progress bar reaches the end, failed images included
     assert set(result.failed) == {ids[2], "f" * 64}
     assert "not a readable image" in result.failed[ids[2]] and "missing" in result.failed["f" * 64]
     assert result.stored == 4
@@ -193,8 +198,15 @@ def test_the_cache_stays_within_its_memory_bound(tmp_path):
     store = LocalStore(tmp_path)
     ids = _store_images(store, 10)
     cache = EmbeddingCache(max_bytes=4 * 3 * 2)  # four 3-value float16 vectors
-    cache.get_many(store, ids, backbone=_stand_in())
+    backbone = _stand_in()
+    cache.get_many(store, ids[:4], backbone=backbone)
+    cache.get_many(store, ids[:1], backbone=backbone)  # used again: the least recently used is now ids[1]
+    cache.get_many(store, ids[4:6], backbone=backbone)
     assert len(cache) == 4 and cache.nbytes == 24
+    _, _, result = cache.get_many(store, [ids[0], ids[3]], backbone=backbone.identity)
+    assert result.found == 0  # both still in memory
+    _, _, result = cache.get_many(store, [ids[1], ids[2]], backbone=backbone.identity)
+    assert result.found == 2  # evicted, read back from storage
 
 
 # --- head checkpoints and raw images -------------------------------------------------------------------
