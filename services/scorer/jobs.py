@@ -1,4 +1,4 @@
-"""rq job functions of the scorer (score shards, embedding shards): parse the payload, call the core.
+"""rq job functions of the scorer (score shards, embedding shards, cold-start orders): parse the payload, call the core.
 
 Enqueued by dotted path (`services.scorer.jobs.score_shard`), so the API never imports this module.
 The process keeps its models and decoded images from one job to the next.
@@ -11,10 +11,12 @@ from dataclasses import dataclass
 import redis
 from rq import get_current_job
 
+from alpipe import cold_start as alpipe_cold_start
 from alpipe import scoring
 from alpipe.config import Settings, get_settings
 from alpipe.embeddings import EmbeddingCache
 from alpipe.errors import UserError
+from alpipe.pipeline import load_project
 from alpipe.schemas import EmbedJob, ScoreJob
 from alpipe.storage import ObjectStore, open_store
 from alpipe.tensor_cache import TensorCache
@@ -74,3 +76,11 @@ def embed_shard(payload: dict) -> dict:
     current = get_current_job()
     return scoring.embed_shard(job, r=ctx.redis, store=ctx.store, embeddings=ctx.embeddings, device=ctx.models.device,
                                settings=ctx.settings, job_id=current.id if current is not None else None)
+
+
+def cold_start(payload: dict) -> dict:
+    """rq job: move TypiClust's picks to the top of a project's cold-start ranking."""
+    ctx = context()
+    project = load_project(ctx.store, payload["project"])
+    return alpipe_cold_start.order_pool(project, r=ctx.redis, store=ctx.store, tensors=ctx.tensors,
+                                        embeddings=ctx.embeddings)

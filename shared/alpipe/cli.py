@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import get_settings
 from .errors import UserError
+from .strategies import COLD_STARTS
 
 log = logging.getLogger("alpipe")
 
@@ -56,7 +57,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         dataset=args.dataset, strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
         seeds=args.seeds, initial=args.initial, query_size=args.query_size, budget=args.budget,
         model=args.model, pretrained=not args.no_pretrained, weights=args.weights, finetune=args.finetune,
-        input_size=args.input_size, pool_size=args.pool_size,
+        input_size=args.input_size, pool_size=args.pool_size, cold_start=args.cold_start, mc_samples=args.mc_samples,
         test_fraction=args.test_fraction, split_seed=args.split_seed, train=_train_config(args),
         device=args.device or settings.device)
     config.validate()
@@ -205,10 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run an active-learning experiment with a simulated oracle",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sim.add_argument("--dataset", default="mnist5k", help="mnist5k, digits, photos, or a folder <class>/<image>")
-    sim.add_argument("--strategies", default="margin,least_confidence,random",
-                     help="comma-separated: random, least_confidence, margin, entropy")
+    sim.add_argument("--strategies", default="auto,margin,random",
+                     help="comma-separated: auto, margin, least_confidence, entropy, bald, power_margin, random")
     sim.add_argument("--seeds", type=int, default=3, help="runs per strategy (seeds 0..N-1)")
-    sim.add_argument("--initial", type=int, default=20, help="size of the initial random labeled set")
+    sim.add_argument("--initial", type=int, default=20, help="size of the initial labeled set")
+    sim.add_argument("--cold-start", choices=COLD_STARTS,
+                     help="how the initial set is chosen (default: each strategy's own: random for random, "
+                          "typiclust for the others)")
+    sim.add_argument("--mc-samples", type=int, default=20, help="MC-dropout passes for bald")
     sim.add_argument("--query-size", type=int, default=10, help="labels asked per round")
     sim.add_argument("--budget", type=int, default=300, help="total labels per run")
     sim.add_argument("--pool-size", type=int, default=0,

@@ -19,13 +19,15 @@ from .embeddings import BackboneIdentity, EmbeddingCache, build_head, load_backb
 from .errors import UserError
 from .image_probe import image_kind
 from .images import decode_images
-from .model_specs import AUTO, check_model_name, model_spec, resolve_auto, uses_embeddings
+from .model_specs import AUTO, check_model_name, check_strategy_fits, model_spec, resolve_auto, uses_embeddings
 from .models import ModelSpec, build_model, model_in_channels
 from .results import CurvePoint
 from .schemas import DatasetManifest, SampleRecord
 from .storage import ObjectStore
-from .strategies import get_strategy, rank, subsample_pool
-from .training import TrainConfig, evaluate, fit, make_checkpoint, predict_proba, resolve_device
+from .strategies import check_cold_start, get_strategy, rank, subsample_pool
+from .strategies.features import label_free_features
+from .strategies.typiclust import typiclust_select
+from .training import TrainConfig, evaluate, fit, make_checkpoint, predict_mc_proba, predict_proba, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ class ExperimentConfig:
     finetune: bool | None = None  # None: embedding mode for pretrained backbones, whole network otherwise
     input_size: int | None = None  # images are resized to this many pixels (None = the model's default)
     pool_size: int = 0
+    cold_start: str | None = None  # "typiclust" or "random"; None: the strategy's own (random for random)
+    mc_samples: int = 20  # MC-dropout passes for bald
     test_fraction: float = 0.2
     split_seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -54,6 +58,8 @@ class ExperimentConfig:
             get_strategy(name)
         check_model_name(self.model)
         uses_embeddings(self.model, finetune=self.finetune, pretrained=self.pretrained)
+        for name in self.strategies:
+            check_strategy_fits(name, self.model, finetune=self.finetune, pretrained=self.pretrained)
         if self.input_size is not None and not 32 <= self.input_size <= 512:
             raise UserError(f"--input-size must be between 32 and 512, got {self.input_size}")
         if not self.strategies:
@@ -67,6 +73,9 @@ class ExperimentConfig:
         if self.budget < self.initial:
             raise UserError(f"--budget ({self.budget}) is smaller than the initial random set "
                             f"(--initial {self.initial}); raise the budget or lower --initial")
+        check_cold_start(self.cold_start)
+        if any(get_strategy(name).needs_mc for name in self.strategies) and self.mc_samples < 2:
+            raise UserError(f"--mc-samples must be at least 2 for bald, got {self.mc_samples}")
         if self.pool_size < 0:
             raise UserError(f"--pool-size must be 0 (all) or positive, got {self.pool_size}")
 
@@ -88,6 +97,13 @@ class PreparedData:
     model: str  # the model 'auto' resolved to
     input_size: int | None = None  # images were resized to this instead of the model's default
     backbone: BackboneIdentity | None = None  # embedding mode's backbone
+    _features: np.ndarray | None = field(default=None, repr=False)
+
+    def label_free_features(self) -> np.ndarray:
+        """TypiClust's features of every image (computed on first use): pixels or embeddings, reduced."""
+        if self._features is None:
+            self._features = label_free_features(self.images.numpy())
+        return self._features
 
     @property
     def spec(self) -> ModelSpec | None:
@@ -173,7 +189,7 @@ def save_tensor_cache(store: ObjectStore, key: str, ids: list[str], images: torc
 
 def run_one(data: PreparedData, *, strategy_name: str, seed: int, config: ExperimentConfig,
             store: ObjectStore | None = None, checkpoint_prefix: str | None = None) -> list[CurvePoint]:
-    """One learning curve: initial random set, then query → oracle → retrain until the budget."""
+    """One learning curve: initial set (TypiClust or random), then query → oracle → retrain until the budget."""
     strategy = get_strategy(strategy_name)
     spec = data.spec
     device = resolve_device(config.device)
@@ -184,7 +200,10 @@ def run_one(data: PreparedData, *, strategy_name: str, seed: int, config: Experi
     test = np.flatnonzero(data.is_test)
     test_x, test_y = data.images[test], data.labels[test]
     is_labeled = np.zeros(len(data.ids), dtype=bool)
-    is_labeled[rng_init.choice(pool, size=config.initial, replace=False)] = True
+    if (config.cold_start or strategy.cold_start) == "typiclust":
+        is_labeled[pool[typiclust_select(data.label_free_features()[pool], config.initial, seed=seed)]] = True
+    else:
+        is_labeled[rng_init.choice(pool, size=config.initial, replace=False)] = True
 
     def new_model() -> torch.nn.Module:
         torch.manual_seed(seed)
@@ -213,7 +232,10 @@ def run_one(data: PreparedData, *, strategy_name: str, seed: int, config: Experi
             break
         started = time.perf_counter()
         candidates = subsample_pool(np.flatnonzero(~is_labeled & ~data.is_test), config.pool_size, rng_query)
-        if strategy.needs_model:
+        if strategy.needs_mc:
+            probs = predict_mc_proba(model, data.images[candidates], spec=spec, device=device,
+                                     samples=config.mc_samples, seed=seed * 100_003 + round_no)
+        elif strategy.needs_model:
             probs = predict_proba(model, data.images[candidates], spec=spec, device=device)
         else:
             probs = np.zeros((len(candidates), len(data.classes)), dtype=np.float32)
@@ -236,6 +258,8 @@ def run_experiment(config: ExperimentConfig, *, store: ObjectStore, cache_dir: P
     """Every strategy × seed on one prepared dataset; returns all curve points."""
     config.validate()
     data = prepare_data(config, store=store, cache_dir=cache_dir)
+    for name in config.strategies:
+        check_strategy_fits(name, data.model, finetune=config.finetune, pretrained=config.pretrained)
     log.info("%s: %d pool / %d test images, %d classes, model %s%s",
              data.name, int((~data.is_test).sum()), int(data.is_test.sum()), len(data.classes), data.model,
              f" (embedding mode, backbone {data.backbone.id})" if data.backbone else "")

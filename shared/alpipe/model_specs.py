@@ -93,6 +93,26 @@ def uses_embeddings(model: str, *, finetune: bool | None, pretrained: bool) -> b
     return has_backbone and not finetune
 
 
+# Strategies that sample MC-dropout passes, and the models with a dropout layer to sample.
+MC_STRATEGIES = ("bald",)
+MODELS_WITH_DROPOUT = ("small_cnn", "efficientnet_lite0")
+
+
+def check_strategy_fits(strategy: str, model: str, *, finetune: bool | None, pretrained: bool) -> None:
+    """A UserError when the strategy needs what the model (as trained) lacks: bald needs dropout.
+
+    'auto' is checked once the images have decided the model (resolve_auto's callers).
+    """
+    if strategy not in MC_STRATEGIES or model == AUTO:
+        return
+    embedding = uses_embeddings(model, finetune=finetune, pretrained=pretrained)
+    if model not in MODELS_WITH_DROPOUT or embedding:
+        what = "the head trained in embedding mode" if embedding else model
+        raise UserError(f"strategy {strategy} samples MC-dropout passes and {what} has no dropout; use "
+                        f"{' or '.join(MODELS_WITH_DROPOUT)} with whole-network training (finetune true for a "
+                        f"backbone), or another strategy (auto, margin, entropy)")
+
+
 def project_uses_embeddings(project) -> bool:
     """Whether a project (anything with model, finetune and pretrained) runs in embedding mode.
 

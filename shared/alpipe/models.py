@@ -14,7 +14,7 @@ from .errors import UserError
 from .model_specs import MODEL_NAMES, ModelSpec, get_model_spec, model_in_channels
 
 __all__ = ["MODEL_NAMES", "ModelSpec", "build_backbone", "build_model", "get_model_spec", "model_in_channels",
-           "normalize_batch", "pretrained_weights_path"]
+           "normalize_batch", "pretrained_weights_path", "supports_mc_dropout"]
 
 
 def normalize_batch(images: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
@@ -128,6 +128,21 @@ def _load_state(model: nn.Module, path: Path) -> None:
         raise UserError(f"cannot load weights from {path}: {first_line}") from e
 
 
+def mc_head(features: torch.Tensor, dropout: nn.Dropout, fc: nn.Linear, samples: int) -> torch.Tensor:
+    """The last dropout + linear layer applied `samples` times with dropout on, batched as one forward.
+
+    Dropout sits only before the last layer in these models, so the passes differ only there and
+    the body's output is shared: T passes cost one forward plus T small matrix products.
+    """
+    stacked = features.unsqueeze(0).expand(samples, *features.shape)
+    return fc(F.dropout(stacked, p=dropout.p, training=True))
+
+
+def supports_mc_dropout(model: nn.Module) -> bool:
+    """Whether the model can give MC-dropout passes (what `bald` needs)."""
+    return callable(getattr(model, "mc_forward", None))
+
+
 class SmallCNN(nn.Module):
     """Three conv blocks and a linear head: trains from a few dozen labels and is quick on a CPU."""
 
@@ -153,6 +168,10 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(self.features(x)))
+
+    def mc_forward(self, x: torch.Tensor, samples: int) -> torch.Tensor:
+        """Logits (samples, N, n_classes) of `samples` MC-dropout passes; the features are computed once."""
+        return mc_head(self.features(x), self.dropout, self.fc, samples)
 
 
 class _SameConv2d(nn.Conv2d):
@@ -230,9 +249,15 @@ class EfficientNetLite0(nn.Module):
         self._dropout = nn.Dropout(0.2)
         self._fc = nn.Linear(1280, n_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))
-        return self._fc(self._dropout(self._avg_pooling(x).flatten(1)))
+        return self._avg_pooling(F.relu6(self._bn1(self._conv_head(x)))).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fc(self._dropout(self._pooled(x)))
+
+    def mc_forward(self, x: torch.Tensor, samples: int) -> torch.Tensor:
+        """Logits (samples, N, n_classes) of `samples` MC-dropout passes; the body runs once."""
+        return mc_head(self._pooled(x), self._dropout, self._fc, samples)

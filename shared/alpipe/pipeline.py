@@ -38,7 +38,7 @@ import redis
 from rq import Queue
 from rq.job import JobStatus
 
-from . import embed_pass, keys
+from . import cold_start, embed_pass, keys
 from .config import Settings, get_settings
 from .errors import NotFound
 from .schemas import Project, ScoreJob, TrainJob
@@ -152,7 +152,8 @@ def embedding_pass_complete(r: redis.Redis, store: ObjectStore, project: Project
     shards = None
     if version > 0:
         shards = enqueue_scoring(r, store, project, version, settings=settings)
-    return {"train_job": maybe_enqueue_train(r, project, settings=settings), "score_shards": shards}
+    return {"train_job": maybe_enqueue_train(r, project, settings=settings), "score_shards": shards,
+            "cold_start_job": cold_start.maybe_enqueue(r, project, settings=settings)}
 
 
 def _reconcile_training(r: redis.Redis, project: Project, *, settings: Settings, now: float) -> str | None:
@@ -323,11 +324,11 @@ def reconcile(r: redis.Redis, store: ObjectStore, settings: Settings) -> dict:
 
     Returns {"train": {project: job_id}, "fanned_out": {project: version},
     "resubmitted": {project: [shard, ...]}, "gave_up": {project: [shard, ...]}, "errors": {project: why},
-    "embedding": {project: {"resubmitted": [...], "gave_up": [...]}}}, listing only projects where
-    something happened. Pending samples of embedding passes are queued here too.
+    "embedding": {project: {"resubmitted": [...], "gave_up": [...]}}, "cold_start": {project: job_id}},
+    listing only projects where something happened. Pending samples of embedding passes are queued here too.
     """
     report: dict[str, dict] = {"train": {}, "fanned_out": {}, "resubmitted": {}, "gave_up": {}, "errors": {},
-                               "embedding": {}}
+                               "embedding": {}, "cold_start": {}}
     now = time.time()
     for name in project_names(r):
         try:
@@ -341,6 +342,9 @@ def reconcile(r: redis.Redis, store: ObjectStore, settings: Settings) -> dict:
             job_id = _reconcile_training(r, project, settings=settings, now=now)
             if job_id:
                 report["train"][name] = job_id
+            cold = cold_start.maybe_enqueue(r, project, settings=settings)
+            if cold:
+                report["cold_start"][name] = cold
             state = ProjectState(r, name)
             version = state.model_version()
             if version <= 0:

@@ -26,7 +26,7 @@ from typing import TypeVar
 import redis
 from pydantic import BaseModel, ValidationError
 
-from . import embed_pass, keys
+from . import cold_start, embed_pass, keys
 from .config import Settings
 from .errors import NotFound, UserError
 from .schemas import (
@@ -184,12 +184,14 @@ def read_label_log(store: ObjectStore, project: str) -> Iterator[tuple[str, list
 
 def validate_project(body: ProjectCreate) -> None:
     """Names the first thing wrong with a project definition (Invalid), or returns."""
-    from .model_specs import check_model_name, uses_embeddings
+    from .model_specs import check_model_name, check_strategy_fits, uses_embeddings
     from .strategies import get_strategy
     from .train_config import fixed_epochs
 
     for check in (lambda: get_strategy(body.strategy), lambda: check_model_name(body.model),
                   lambda: uses_embeddings(body.model, finetune=body.finetune, pretrained=body.pretrained),
+                  lambda: check_strategy_fits(body.strategy, body.model, finetune=body.finetune,
+                                              pretrained=body.pretrained),
                   lambda: fixed_epochs(body.training.stop)):
         try:
             check()
@@ -260,7 +262,7 @@ def describe_project(project: Project, *, r: redis.Redis, max_disagreements: int
         model=ModelInfo(version=version, n_labeled=n_labeled if version else 0, test_accuracy=accuracy),
         live_ranking_version=live, queues=queue_depths(r=r), curve=curve,
         label_policy=project.label_policy, labelers=state.labeler_counts(),
-        embedding=embed_pass.progress(r, project),
+        embedding=embed_pass.progress(r, project), cold_start=cold_start.status(r, project),
         disagreements=Disagreements(count=n_disputed, samples=[
             Disagreement(sample_id=sid, votes={who: vote["label"] for who, vote in sorted(votes.items())})
             for sid, votes in disputed]))
@@ -317,7 +319,7 @@ def resolve_auto_model(project: Project, sample_ids: list[str], *, store: Object
     one model at one input size (embeddings are keyed by it).
     """
     from .image_probe import image_kind
-    from .model_specs import AUTO, BACKBONES, resolve_auto
+    from .model_specs import AUTO, BACKBONES, check_strategy_fits, resolve_auto
 
     open_size = project.input_size is None and project.model in (AUTO, *BACKBONES)
     if not sample_ids or (project.model != AUTO and not open_size):
@@ -326,6 +328,10 @@ def resolve_auto_model(project: Project, sample_ids: list[str], *, store: Object
     grayscale, max_side = image_kind(store, sample_ids)
     model, input_size = resolve_auto(project.model, project.input_size, finetune=project.finetune,
                                      grayscale=grayscale, max_side=max_side)
+    try:
+        check_strategy_fits(project.strategy, model, finetune=project.finetune, pretrained=project.pretrained)
+    except UserError as e:
+        raise Invalid(f"these images make model auto choose {model}: {e}") from None
     choice = {"model": model, "input_size": input_size}
     if state.r.set(state.key("resolved"), json.dumps(choice), nx=True):
         resolved = project.model_copy(update=choice)
@@ -356,9 +362,10 @@ def add_upload(project: Project, data: bytes, *, filename: str | None, label: st
         return UploadResult(sample_id=sample_id, split=existing, created=False,
                             image_url=image_url(project.name, sample_id))
     store.put_if_absent(keys.image_key(sample_id), data)
+    # The model is decided (or refused) before the sample is recorded, so a refusal writes nothing.
+    project = resolve_auto_model(project, [sample_id], store=store, r=r)
     name = Path(filename).name if filename else sample_id
     _write_sample_batch(store, project.name, [SampleRecord(id=sample_id, name=name, label=label, split=split)])
-    project = resolve_auto_model(project, [sample_id], store=store, r=r)
     state.add_samples([(sample_id, split, label)])
     if split == "pool":
         _seed_cold_start(state, project, [sample_id])
@@ -408,12 +415,13 @@ def import_dataset(project: Project, request: ImportRequest, *, store: ObjectSto
     for chunk in _chunks([s.id for s in chosen]):
         splits.extend(state.sample_splits(chunk))
     new = [s for s, split in zip(chosen, splits, strict=True) if split is None]
-    batch = _write_sample_batch(store, project.name, new) if new else None
     project = resolve_auto_model(project, [s.id for s in new], store=store, r=r)
+    batch = _write_sample_batch(store, project.name, new) if new else None
     for chunk in _chunks(new):
         state.add_samples([(s.id, s.split, s.label) for s in chunk])
     _seed_cold_start(state, project, [s.id for s in new if s.split == "pool"])
     embed_pass.add_samples(r, project, [s.id for s in new], settings=settings)
+    cold_start.maybe_enqueue(r, project, settings=settings)
     return ImportResult(dataset=manifest.name, pool=sum(s.split == "pool" for s in new),
                         test=sum(s.split == "test" for s in new), already_present=len(chosen) - len(new),
                         skipped=skipped, batch=batch)

@@ -76,6 +76,19 @@ def wait_for_embeddings(api: ApiClient, project: str, *, timeout_s: float, poll_
         time.sleep(poll_s)
 
 
+def wait_for_cold_start(api: ApiClient, project: str, *, timeout_s: float, poll_s: float = 0.25) -> str:
+    """Poll until the project's cold-start order is ready (TypiClust's picks at the top), so the first
+    labels are the ones a labeling team would get; the status ('typiclust' or 'random')."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = api.call("GET", f"/projects/{project}")["cold_start"]
+        if status != "pending":
+            return status
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{project}: cold-start order not ready after {timeout_s:.0f}s")
+        time.sleep(poll_s)
+
+
 def wait_for_round(api: ApiClient, project: str, *, n_labeled: int, timeout_s: float, poll_s: float = 0.25) -> dict:
     """Poll until a model trained on n_labeled labels exists and its ranking is live."""
     deadline = time.monotonic() + timeout_s
@@ -110,6 +123,7 @@ def run_remote(api: ApiClient, *, strategy: str, seed: int, config: ExperimentCo
     training = {k: v for k, v in asdict(config.train).items() if k in TrainOptions.model_fields}
     api.call("POST", "/projects", json={
         "name": name, "classes": classes, "strategy": strategy, "query_size": config.query_size,
+        "cold_start": config.cold_start, "mc_samples": config.mc_samples,
         "pool_size": config.pool_size, "model": config.model, "pretrained": config.pretrained,
         "finetune": config.finetune, "input_size": config.input_size, "training": training, "seed": seed})
     api.call("POST", f"/projects/{name}/samples/import", json={
@@ -119,6 +133,7 @@ def run_remote(api: ApiClient, *, strategy: str, seed: int, config: ExperimentCo
     if embedding is not None:
         log.info("%s: embeddings ready: %d images by %s (%d unreadable)", name, embedding["done"],
                  embedding["backbone"], embedding["failed"])
+    wait_for_cold_start(api, name, timeout_s=round_timeout_s)
     labeled, round_no, last = 0, 0, time.perf_counter()
     while labeled < config.budget:
         want = config.initial if round_no == 0 else min(config.query_size, config.budget - labeled)

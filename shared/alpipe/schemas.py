@@ -58,7 +58,14 @@ class ProjectCreate(BaseModel):
 
     name: Slug
     classes: list[str] = Field(min_length=2, description="class names, in the order the model outputs them")
-    strategy: str = "margin"
+    strategy: str = Field("auto", description="how the next images are chosen: auto (the measured best, see the "
+                                               "README), margin, least_confidence, entropy, bald, power_margin, "
+                                               "random")
+    cold_start: Literal["typiclust", "random"] | None = Field(
+        None, description="how images are chosen before the first model: typiclust (typical images of clusters of "
+                          "label-free features) or random; null: the strategy's own (random for random, else "
+                          "typiclust)")
+    mc_samples: int = Field(20, ge=2, le=100, description="MC-dropout passes per image for bald")
     query_size: int = Field(10, ge=1, le=10_000, description="new labels that trigger one retraining")
     pool_size: int = Field(0, ge=0, description="score a random subset of this many unlabeled images (0 = all)")
     model: str = Field("auto", description="small_cnn, resnet18, efficientnet_lite0, or auto: small_cnn for small "
@@ -238,6 +245,9 @@ class ProjectPublic(BaseModel):
     disagreements: Disagreements = Field(default_factory=lambda: Disagreements(count=0, samples=[]))
     embedding: EmbeddingProgress | None = Field(None, description="the embedding pass; None when the project "
                                                                   "does not run in embedding mode")
+    cold_start: Literal["typiclust", "pending", "random"] = Field(
+        "random", description="the order served before the first model: typiclust (ready), pending (a scorer is "
+                              "computing it; a random order is served meanwhile), or random")
 
 
 class ProjectSummary(BaseModel):

@@ -30,7 +30,7 @@ from .state import ProjectState
 from .storage import ObjectStore
 from .strategies import Strategy, get_strategy
 from .tensor_cache import TensorCache
-from .training import predict_proba
+from .training import predict_mc_proba, predict_proba
 from .work import Heartbeat, worker_identity
 
 log = logging.getLogger(__name__)
@@ -113,11 +113,19 @@ def score_shard(job: ScoreJob, *, r: redis.Redis, store: ObjectStore, models: Mo
                     ids, inputs = [sid for sid, good in zip(ids, ok, strict=True) if good], inputs[ok]
             else:
                 inputs = tensors.get_many(store, ids, size=loaded.spec.input_size, channels=loaded.in_channels)
-            probs = predict_proba(loaded.model, inputs, spec=loaded.spec, device=models.device,
-                                  batch_size=batch_size)
+            if strategy.needs_mc:
+                # The strategy scores the passes; the guess is their mean prediction.
+                strategy_input = predict_mc_proba(loaded.model, inputs, spec=loaded.spec, device=models.device,
+                                                  samples=project.mc_samples, batch_size=batch_size,
+                                                  seed=project.seed * 1_000_003 + version * 1009 + shard)
+                probs = strategy_input.mean(axis=0)
+            else:
+                probs = strategy_input = predict_proba(loaded.model, inputs, spec=loaded.spec, device=models.device,
+                                                       batch_size=batch_size)
         else:
-            probs = np.zeros((len(ids), len(project.classes)), dtype=np.float32)
-        scores = strategy_scores(strategy, probs, seed=project.seed, version=version, shard=shard) if ids else []
+            probs = strategy_input = np.zeros((len(ids), len(project.classes)), dtype=np.float32)
+        scores = (strategy_scores(strategy, strategy_input, seed=project.seed, version=version, shard=shard)
+                  if ids else [])
         guesses = top_guesses(ids, probs) if strategy.needs_model else None
         state.add_scores(version, {sid: float(s) for sid, s in zip(ids, scores, strict=True)}, guesses=guesses)
         made_live = state.shard_done(version, shard, job.n_shards)

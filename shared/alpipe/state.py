@@ -295,6 +295,11 @@ class ProjectState:
         return int(self._release_leases(keys=[self.key("leases"), self.key("lease_owner")],
                                         args=[f"{token} {labeler}", *sample_ids]))
 
+    def leased_ids(self, now: float | None = None) -> list[str]:
+        """Samples under a live lease, sorted."""
+        now = time.time() if now is None else now
+        return sorted(m.decode() for m in self.r.zrangebyscore(self.key("leases"), now, "+inf"))
+
     def lease_holder(self, sample_id: str, now: float | None = None) -> tuple[str, str] | None:
         """(token, labeler) of a live lease on the sample, None when it is not leased."""
         now = time.time() if now is None else now
@@ -408,6 +413,14 @@ class ProjectState:
         if scores:
             self.r.zadd(self.ranking_key(0), scores)
         self.r.setnx(self.key("ranking_live"), 0)
+
+    def promote_cold_start(self, order: list[str]) -> None:
+        """Move `order` to the top of the cold-start ranking, first first. Only samples still in it move
+        (ZADD XX): one labeled meanwhile has left the ranking and stays out. Scores above 1 put them
+        ahead of the random order's [0, 1)."""
+        if order:
+            n = len(order)
+            self.r.zadd(self.ranking_key(0), {sid: 1.0 + (n - i) / n for i, sid in enumerate(order)}, xx=True)
 
     def begin_ranking(self, version: int, n_shards: int) -> None:
         self.r.set(self.key("ranking", version, "n_shards"), n_shards)

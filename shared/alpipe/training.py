@@ -20,10 +20,11 @@ from torch import nn
 if TYPE_CHECKING:
     from .embeddings import BackboneIdentity
 
-from .models import ModelSpec, normalize_batch
+from .models import ModelSpec, normalize_batch, supports_mc_dropout
 from .train_config import TrainConfig, fixed_epochs
 
-__all__ = ["TrainConfig", "evaluate", "fit", "fixed_epochs", "make_checkpoint", "predict_proba", "resolve_device"]
+__all__ = ["TrainConfig", "evaluate", "fit", "fixed_epochs", "make_checkpoint", "predict_mc_proba", "predict_proba",
+           "resolve_device"]
 
 
 @dataclass
@@ -117,6 +118,27 @@ def _predict_proba(model: nn.Module, images: torch.Tensor, *, spec: ModelSpec | 
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)
     return torch.cat(chunks).numpy()
+
+
+def predict_mc_proba(model: nn.Module, images: torch.Tensor, *, spec: ModelSpec | None, device: torch.device,
+                     samples: int, batch_size: int = 512, seed: int = 0) -> np.ndarray:
+    """Softmax probabilities (samples, N, n_classes) of MC-dropout passes, as float32 numpy.
+
+    The dropout masks come from a generator seeded by `seed`, so a rerun gives the same passes.
+    """
+    if not supports_mc_dropout(model):
+        raise ValueError(f"{type(model).__name__} has no dropout to sample; BALD needs a model with dropout")
+    if samples < 2:
+        raise ValueError(f"MC dropout needs at least 2 passes, got {samples}")
+    with threads_for(spec), torch.inference_mode(), torch.random.fork_rng(devices=[device] if device.type == "cuda"
+                                                                         else []):
+        torch.manual_seed(seed)
+        model.eval()  # BatchNorm in inference mode; mc_forward turns on only the dropout it samples
+        chunks = [torch.softmax(model.mc_forward(model_inputs(images[i:i + batch_size], spec, device), samples)
+                                .float(), dim=2).cpu() for i in range(0, len(images), batch_size)]
+    if not chunks:
+        return np.zeros((samples, 0, 0), dtype=np.float32)
+    return torch.cat(chunks, dim=1).numpy()
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, spec: ModelSpec | None,

@@ -3,12 +3,14 @@
 import numpy as np
 
 from ..errors import UserError
+from .bald import BALD
 from .base import Strategy
+from .diverse import Auto, PowerMargin
 from .random import RandomSampling
 from .uncertainty import Entropy, LeastConfidence, Margin
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (RandomSampling, LeastConfidence, Margin, Entropy)
+    cls.name: cls for cls in (Auto, Margin, LeastConfidence, Entropy, BALD, PowerMargin, RandomSampling)
 }
 
 
@@ -18,6 +20,15 @@ def get_strategy(name: str) -> Strategy:
         return STRATEGIES[name]()
     except KeyError:
         raise UserError(f"unknown strategy {name!r}; choose from: {', '.join(STRATEGIES)}") from None
+
+
+COLD_STARTS = ("typiclust", "random")
+
+
+def check_cold_start(name: str | None) -> None:
+    """None (each strategy's own) or one of COLD_STARTS; a UserError naming the choices otherwise."""
+    if name is not None and name not in COLD_STARTS:
+        raise UserError(f"unknown cold start {name!r}; choose from: {', '.join(COLD_STARTS)}")
 
 
 def rank(scores: np.ndarray, k: int | None = None) -> np.ndarray:
@@ -35,4 +46,4 @@ def subsample_pool(candidates: np.ndarray, pool_size: int, rng: np.random.Genera
     return candidates[np.sort(chosen)]
 
 
-__all__ = ["STRATEGIES", "Strategy", "get_strategy", "rank", "subsample_pool"]
+__all__ = ["COLD_STARTS", "STRATEGIES", "Strategy", "check_cold_start", "get_strategy", "rank", "subsample_pool"]

@@ -10,6 +10,11 @@ class Strategy(ABC):
 
     name: str = ""
     needs_model: bool = True
+    # True: score() takes (T, n, n_classes) probabilities from T MC-dropout passes instead of (n, n_classes).
+    needs_mc: bool = False
+    # How the first labels are chosen, before any model: "typiclust" (alpipe.strategies.typiclust) or
+    # "random" (the baseline's own, so that it stays the tutorial's baseline).
+    cold_start: str = "typiclust"
 
     @abstractmethod
     def score(self, probs: np.ndarray, *, rng: np.random.Generator | None = None) -> np.ndarray:

@@ -10,6 +10,7 @@ class RandomSampling(Strategy):
 
     name = "random"
     needs_model = False
+    cold_start = "random"
 
     def score(self, probs, *, rng=None):
         n = check_probs(probs).shape[0] if np.ndim(probs) == 2 else len(probs)
