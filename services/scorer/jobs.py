@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import redis
 from rq import get_current_job
 
-from alpipe import cold_start as alpipe_cold_start
 from alpipe import scoring
 from alpipe.config import Settings, get_settings
 from alpipe.embeddings import EmbeddingCache
@@ -82,5 +81,5 @@ def cold_start(payload: dict) -> dict:
     """rq job: move TypiClust's picks to the top of a project's cold-start ranking."""
     ctx = context()
     project = load_project(ctx.store, payload["project"])
-    return alpipe_cold_start.order_pool(project, r=ctx.redis, store=ctx.store, tensors=ctx.tensors,
-                                        embeddings=ctx.embeddings)
+    return scoring.order_cold_start(project, r=ctx.redis, store=ctx.store, tensors=ctx.tensors,
+                                    embeddings=ctx.embeddings)

@@ -1,4 +1,5 @@
-"""A project's cold start in the services: a TypiClust order at the top of ranking v0.
+"""A project's cold start in the services: a TypiClust order at the top of ranking v0 (torch-free:
+the API queues the job; the scorer's side is alpipe.scoring.order_cold_start).
 
 Until the first model's ranking is live, labelers lease from the cold-start ranking (version 0),
 which starts as a seeded random order so labeling can begin the moment images arrive. A scorer
@@ -17,17 +18,15 @@ keep the random order.
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 import redis
 
 from . import embed_pass, keys
 from .config import Settings
-from .model_specs import AUTO, model_spec, project_uses_embeddings
+from .model_specs import AUTO
 from .schemas import Project
 from .state import ProjectState
-from .storage import ObjectStore
 from .strategies import get_strategy
 from .work import enqueue_job, job_states
 
@@ -75,7 +74,9 @@ def maybe_enqueue(r: redis.Redis, project: Project, *, settings: Settings) -> st
         return None
     jid = job_id(project.name, total)
     [(status, _)] = job_states(r, [jid])
-    if status in ("queued", "started", "deferred", "scheduled", "finished"):
+    # A failed job is not retried for the same pool (the random order stays; its error is in the scorer's
+    # log and rq's failed registry): a poison pool must not be re-queued every reconciler pass.
+    if status is not None:
         return None
     enqueue_job(r, "score", "services.scorer.jobs.cold_start", {"project": project.name, "pool_total": total},
                 jid, settings=settings, description=f"{project.name}: cold-start order over {total} images")
@@ -89,60 +90,22 @@ def status(r: redis.Redis, project: Project) -> str:
     return "typiclust" if r.exists(_ordered_key(project.name)) else "pending"
 
 
-def order_pool(project: Project, *, r: redis.Redis, store: ObjectStore, tensors, embeddings) -> dict:
-    """The job's work: TypiClust picks over the pool, moved to the top of ranking v0 (see the module doc).
-
-    tensors and embeddings are the scorer's caches (TensorCache, EmbeddingCache).
-    """
-    from .strategies.features import label_free_features
-    from .strategies.typiclust import typiclust_order
-
-    state = ProjectState(r, project.name)
-    if state.live_version() not in (None, 0):
-        return {"project": project.name, "skipped": "a model's ranking is live"}
-    started = time.perf_counter()
+def pool_for_order(state: ProjectState, *, seed: int) -> tuple[list[str], list[str], int]:
+    """(labeled-like ids, unlabeled ids, pool total) for an order: labeled and leased samples (about to be
+    labeled) cover their clusters; the picks are among the rest, a seeded subset of MAX_FEATURE_POOL at most."""
     total = _pool_total(state)
-    # Labeled and leased samples (about to be labeled) cover their clusters; the picks are among the rest.
     leased = state.leased_ids()
     unlabeled = sorted(set(state.pool_ids()) - set(leased))
-    labeled = leased + sorted(sid for sid, split in zip(*_pool_labels(state), strict=True) if split == "pool")
-    rng = np.random.default_rng([project.seed, 7])
+    labeled = state.labels()
+    splits = state.sample_splits(list(labeled))
+    covered = leased + sorted(sid for sid, split in zip(labeled, splits, strict=True) if split == "pool")
     if len(unlabeled) > MAX_FEATURE_POOL:
+        rng = np.random.default_rng([seed, 7])
         unlabeled = sorted(rng.choice(unlabeled, size=MAX_FEATURE_POOL, replace=False).tolist())
-    labeled = labeled[:MAX_FEATURE_POOL]
-    ids = labeled + unlabeled
-    inputs, ok = _inputs(project, ids, store=store, tensors=tensors, embeddings=embeddings)
-    is_labeled = np.flatnonzero(ok) < len(labeled)
-    ids = [sid for sid, good in zip(ids, ok, strict=True) if good]
-    features = label_free_features(inputs, seed=project.seed)
-    picks = typiclust_order(features, COLD_START_PICKS, first=project.query_size, labeled=is_labeled,
-                            seed=project.seed)
-    order = [ids[i] for i in picks]
-    state.promote_cold_start(order)
-    r.set(_ordered_key(project.name), total)
-    seconds = time.perf_counter() - started
-    log.info("%s: cold-start order: %d TypiClust picks over %d images in %.2fs", project.name, len(order),
-             len(ids), seconds)
-    return {"project": project.name, "picks": len(order), "images": len(ids), "seconds": round(seconds, 3)}
+    return covered[:MAX_FEATURE_POOL], unlabeled, total
 
 
-def _pool_labels(state: ProjectState) -> tuple[list[str], list[str | None]]:
-    labeled = list(state.labels())
-    return labeled, state.sample_splits(labeled)
-
-
-def _inputs(project: Project, ids: list[str], *, store: ObjectStore, tensors,
-            embeddings) -> tuple[np.ndarray, np.ndarray]:
-    """(features' raw material, usable mask): the pass's embeddings in embedding mode, else small pixels."""
-    if project_uses_embeddings(project):
-        from .embeddings import backbone_identity
-
-        identity = backbone_identity(project.model, input_size=project.input_size)
-        vectors, ok, _ = embeddings.get_many(store, ids, backbone=identity)
-        return vectors[ok].float().numpy(), ok
-    from .trainer_core import dataset_channels
-
-    spec = model_spec(project.model, project.input_size)
-    channels = 3 if spec.rgb else dataset_channels(store, ids)
-    pixels = tensors.get_many(store, ids, size=min(spec.input_size, THUMBNAIL_SIZE), channels=channels)
-    return pixels.numpy(), np.ones(len(ids), dtype=bool)
+def publish_order(r: redis.Redis, project: str, order: list[str], *, pool_total: int) -> None:
+    """Move the picks to the top of ranking v0 and record which pool size the order is for."""
+    ProjectState(r, project).promote_cold_start(order)
+    r.set(_ordered_key(project), pool_total)

@@ -182,7 +182,7 @@ def class_keys(classes: list[str]) -> dict[str, str]:
 class _Item:
     sample: dict
     lease_token: str | None
-    ranking_version: int | None = None  # 0: the cold-start ranking (a seeded random order)
+    ranking_version: int | None = None  # 0: the cold-start ranking (TypiClust's picks, then a seeded random order)
 
 
 @dataclass
@@ -265,7 +265,8 @@ class LabelSession:
         score = sample.get("score")
         parts.append(f"score {score:.3f}" if isinstance(score, int | float) else "score -")
         if item.ranking_version == 0:
-            parts.append("(cold start: random order)")
+            typical = isinstance(score, int | float) and score > 1.0  # TypiClust's picks sit above [0, 1)
+            parts.append("(cold start: typical image)" if typical else "(cold start: random order)")
         guess = sample.get("guess")
         if guess:
             confidence = guess.get("confidence")

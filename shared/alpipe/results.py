@@ -90,6 +90,13 @@ def label_savings(baseline: dict[str, list[float]], curve: dict[str, list[float]
     return {"per_budget": rows, "median_extra_fraction": float(np.median(fractions)) if fractions else math.nan}
 
 
+def worst_gap(baseline: dict[str, list[float]], curve: dict[str, list[float]]) -> float:
+    """The strategy's mean accuracy minus the baseline's at the baseline's budgets, at its worst (the
+    strategy's curve interpolated where it has no point)."""
+    at = np.interp(baseline["n_labeled"], curve["n_labeled"], curve["mean"])
+    return float(np.min(at - np.asarray(baseline["mean"])))
+
+
 def summarize(points: list[CurvePoint], *, config: dict, baseline: str = "random") -> dict:
     """summary.json: config, mean curves, label savings against the baseline, and mean round timings."""
     curves = mean_curves(points)

@@ -19,17 +19,20 @@ import numpy as np
 import redis
 import torch
 
-from . import embed_pass, keys
+from . import cold_start, embed_pass, keys
 from .checkpoints import LoadedModel, model_from_checkpoint, read_checkpoint
 from .config import Settings
-from .embeddings import Backbone, EmbeddingCache, EmbedResult, load_backbone
-from .model_specs import project_uses_embeddings
+from .embeddings import Backbone, EmbeddingCache, EmbedResult, backbone_identity, load_backbone
+from .model_specs import model_spec, project_uses_embeddings
 from .pipeline import embedding_pass_complete, finish_ranking, load_project, score_heartbeat
-from .schemas import EmbedJob, ScoreJob
+from .schemas import EmbedJob, Project, ScoreJob
 from .state import ProjectState
 from .storage import ObjectStore
 from .strategies import Strategy, get_strategy
+from .strategies.features import label_free_features
+from .strategies.typiclust import typiclust_order
 from .tensor_cache import TensorCache
+from .trainer_core import dataset_channels
 from .training import predict_mc_proba, predict_proba
 from .work import Heartbeat, worker_identity
 
@@ -220,3 +223,40 @@ def embed_shard(job: EmbedJob, *, r: redis.Redis, store: ObjectStore, embeddings
         log.info("%s: embedding pass complete", name)
         out.update(embedding_pass_complete(r, store, project, settings=settings))
     return out
+
+
+def order_cold_start(project: Project, *, r: redis.Redis, store: ObjectStore, tensors: TensorCache,
+                     embeddings: EmbeddingCache) -> dict:
+    """The cold-start job (alpipe.cold_start): TypiClust's picks over the pool's label-free features,
+    moved to the top of ranking v0."""
+    state = ProjectState(r, project.name)
+    if state.live_version() not in (None, 0):
+        return {"project": project.name, "skipped": "a model's ranking is live"}
+    started = time.perf_counter()
+    covered, unlabeled, total = cold_start.pool_for_order(state, seed=project.seed)
+    ids = covered + unlabeled
+    inputs, ok = _label_free_inputs(project, ids, store=store, tensors=tensors, embeddings=embeddings)
+    is_covered = np.flatnonzero(ok) < len(covered)
+    ids = [sid for sid, good in zip(ids, ok, strict=True) if good]
+    picks = typiclust_order(label_free_features(inputs, seed=project.seed), cold_start.COLD_START_PICKS,
+                            first=project.query_size, labeled=is_covered, seed=project.seed)
+    order = [ids[i] for i in picks]
+    cold_start.publish_order(r, project.name, order, pool_total=total)
+    seconds = time.perf_counter() - started
+    log.info("%s: cold-start order: %d TypiClust picks over %d images in %.2fs", project.name, len(order),
+             len(ids), seconds)
+    return {"project": project.name, "picks": len(order), "images": len(ids), "seconds": round(seconds, 3)}
+
+
+def _label_free_inputs(project: Project, ids: list[str], *, store: ObjectStore, tensors: TensorCache,
+                       embeddings: EmbeddingCache) -> tuple[np.ndarray, np.ndarray]:
+    """(what the features are made of, usable mask): the pass's embeddings in embedding mode, else pixels
+    at no more than cold_start.THUMBNAIL_SIZE."""
+    if project_uses_embeddings(project):
+        identity = backbone_identity(project.model, input_size=project.input_size)
+        vectors, ok, _ = embeddings.get_many(store, ids, backbone=identity)
+        return vectors[torch.from_numpy(ok)].float().numpy(), ok
+    spec = model_spec(project.model, project.input_size)
+    channels = 3 if spec.rgb else dataset_channels(store, ids)
+    pixels = tensors.get_many(store, ids, size=min(spec.input_size, cold_start.THUMBNAIL_SIZE), channels=channels)
+    return pixels.numpy(), np.ones(len(ids), dtype=bool)

@@ -678,7 +678,10 @@
     const strategy = state.project ? state.project.strategy : "score";
     $("meta-score-label").textContent = item && !item.model_version ? "Order" : `Score (${strategy})`;
     $("meta-score").textContent = !item ? "—"
-      : !item.model_version || item.score === null ? "random (cold start)" : item.score.toFixed(3);
+      : item.score === null ? "random fill-in"
+      // Before a model, TypiClust's picks score above the random order's [0, 1).
+      : !item.model_version ? (item.score > 1 ? "typical (cold start)" : "random (cold start)")
+      : item.score.toFixed(3);
     const id = $("meta-id");
     id.textContent = item ? item.sample_id.slice(0, 12) : "—";
     id.title = item ? item.sample_id : "";

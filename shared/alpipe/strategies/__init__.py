@@ -10,7 +10,7 @@ from .random import RandomSampling
 from .uncertainty import Entropy, LeastConfidence, Margin
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Auto, Margin, LeastConfidence, Entropy, BALD, PowerMargin, RandomSampling)
+    cls.name: cls for cls in (RandomSampling, LeastConfidence, Margin, Entropy, BALD, PowerMargin, Auto)
 }
 
 
