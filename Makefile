@@ -17,19 +17,19 @@ setup: $(STAMP)
 # scorers start, the simulated oracle labels over HTTP, and everything stops at the end.
 DEMO_OUT ?= runs/demo
 demo: setup
-	$(BIN)/alpipe simulate --stack --scorers 2 --trainers 2 --dataset mnist5k --strategies margin,least_confidence,random \
+	$(BIN)/alpipe simulate --stack --scorers 2 --trainers 2 --dataset mnist5k --strategies auto,margin,random \
 		--seeds 3 --initial 20 --query-size 10 --budget 300 --model small_cnn --out $(DEMO_OUT)
 
 # The same experiment in one process, no services.
 demo-local: setup
-	$(BIN)/alpipe simulate --dataset mnist5k --strategies margin,least_confidence,random \
+	$(BIN)/alpipe simulate --dataset mnist5k --strategies auto,margin,random \
 		--seeds 3 --initial 20 --query-size 10 --budget 300 --model small_cnn --out runs/demo-local
 
 # Real photographs: the photo set (2,000 colour patches of 8 photos) through the live services in
 # embedding mode: the scorers embed every image once (EfficientNet-Lite0), then every round trains and
 # scores only a head. About three minutes on 2 cores.
 demo-photos: setup
-	$(BIN)/alpipe simulate --stack --scorers 2 --trainers 1 --dataset photos --strategies margin,random \
+	$(BIN)/alpipe simulate --stack --scorers 2 --trainers 1 --dataset photos --strategies auto,random \
 		--seeds 3 --initial 20 --query-size 10 --budget 100 --out runs/demo-photos
 
 up: setup
@@ -41,7 +41,11 @@ test: setup lint
 test-fast: setup
 	$(BIN)/python -m pytest -q tests/unit
 
+# The label-efficiency bench's peer column runs baal's own loop (bench/peer_baal.py). Installed without
+# its declared dependencies: baal 2.1.0 also declares jupyter (about 60 packages) that the bench never imports.
+BENCH_DEPS := baal==2.1.0 structlog==22.3.0 torchmetrics==1.9.0 lightning-utilities==0.15.3
 bench: setup
+	$(BIN)/pip install --quiet --no-deps $(BENCH_DEPS)
 	$(BIN)/python -m bench.label_efficiency
 	$(BIN)/python -m bench.services
 	$(BIN)/python -m bench.embeddings

@@ -14,6 +14,7 @@ the usual curves.csv/summary.json/curves.png per work.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import time
@@ -31,7 +32,7 @@ from alpipe.storage import open_store
 from alpipe.strategies import get_strategy
 from alpipe.training import predict_proba
 
-STRATEGIES = ("random", "auto", "margin", "least_confidence", "entropy", "bald", "power_margin")
+STRATEGIES = ("random", "auto", "margin", "least_confidence", "entropy", "bald")
 BAAL_HEURISTICS = ("margin", "bald", "powerbald")
 
 
@@ -63,15 +64,21 @@ class PointCache:
         return None if run is None else [CurvePoint(**p) for p in run]
 
     def put(self, work: Work, strategy: str, seed: int, points: list[CurvePoint]) -> None:
-        self.runs[f"{work.key}/{strategy}/{seed}"] = [asdict(p) for p in points]
+        """Add one run, merged under a lock with what other bench processes wrote meanwhile (works and
+        strategies can run as parallel processes, e.g. --works mnist5k-q100-b1000 beside the rest)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.runs))
-        tmp.replace(self.path)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.exists():
+                self.runs = {**json.loads(self.path.read_text()), **self.runs}
+            self.runs[f"{work.key}/{strategy}/{seed}"] = [asdict(p) for p in points]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.runs))
+            tmp.replace(self.path)
 
 
 def run_work(work: Work, *, strategies: list[str], baal: list[str], seeds: int, cache: PointCache,
-             out: Path) -> list[CurvePoint]:
+             out: Path, cached_only: bool = False) -> list[CurvePoint]:
     settings = get_settings()
     store = open_store(settings)
     config = ExperimentConfig(dataset=work.dataset, strategies=tuple(strategies), seeds=seeds, initial=20,
@@ -84,6 +91,8 @@ def run_work(work: Work, *, strategies: list[str], baal: list[str], seeds: int, 
     for name, heuristic in runs:
         for seed in range(seeds):
             cached = cache.get(work, name, seed)
+            if cached is None and cached_only:
+                continue
             if cached is None:
                 started = time.perf_counter()
                 if heuristic is None:
@@ -96,19 +105,20 @@ def run_work(work: Work, *, strategies: list[str], baal: list[str], seeds: int, 
                 print(f"  {work.key} {name} seed {seed}: {cached[-1].test_accuracy:.3f} at {cached[-1].n_labeled} "
                       f"labels ({time.perf_counter() - started:.0f}s)", flush=True)
             points += cached
-    write_results(points, config=config.as_dict(), out=out / work.key, title=f"{work.dataset}, {data.model}, "
-                  f"query {work.query_size}")
+    if points:
+        write_results(points, config=config.as_dict(), out=out / work.key,
+                      title=f"{work.dataset}, {data.model}, query {work.query_size}")
     return points
 
 
 def table(work: Work, points: list[CurvePoint]) -> str:
+    title = f"\n{work.dataset}, query {work.query_size}, budget {work.budget}"
     curves = mean_curves(points)
+    if "random" not in curves:
+        return f"{title}: no random runs yet"
     base = curves["random"]
-    lines = [f"\n{work.dataset}, query {work.query_size}, budget {work.budget} "
-             f"({max(base['n_seeds'])} seeds; random: {base['mean'][0]:.3f} at {base['n_labeled'][0]}, "
-             f"{base['mean'][-1]:.3f} at {base['n_labeled'][-1]})",
-             f"{'strategy':<20}{'random needs':>14}{'worst gap':>11}{'acc@initial':>13}{'acc@budget':>12}"
-             f"{'s/round':>9}"]
+    lines = [title, f"{'strategy':<20}{'seeds':>6}{'random needs':>14}{'worst gap':>11}{'acc@initial':>13}"
+                    f"{'acc@budget':>12}{'s/round':>9}"]
     for name, curve in curves.items():
         own = [p for p in points if p.strategy == name and p.round > 0]
         per_round = np.mean([p.train_s + (p.score_s or 0.0) for p in own]) if own else float("nan")
@@ -117,8 +127,8 @@ def table(work: Work, points: list[CurvePoint]) -> str:
         else:
             needs = f"{label_savings(base, curve)['median_extra_fraction']:+.0%}"
             gap = f"{worst_gap(base, curve) * 100:+.1f} pt"
-        lines.append(f"{name:<20}{needs:>14}{gap:>11}{curve['mean'][0]:>13.3f}{curve['mean'][-1]:>12.3f}"
-                     f"{per_round:>9.2f}")
+        lines.append(f"{name:<20}{max(curve['n_seeds']):>6}{needs:>14}{gap:>11}{curve['mean'][0]:>13.3f}"
+                     f"{curve['mean'][-1]:>12.3f}{per_round:>9.2f}")
     return "\n".join(lines)
 
 
@@ -179,8 +189,12 @@ def main() -> None:
                         help="baal heuristics for the peer column ('' for none; needs pip install '.[bench]')")
     parser.add_argument("--out", default="runs/bench-label-efficiency")
     parser.add_argument("--fresh", action="store_true", help="ignore the cached runs")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="run nothing: print the tables of the runs cached so far (e.g. from parallel processes)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if get_settings().torch_threads:  # ALPIPE_TORCH_THREADS=1 when several bench processes share the cores
+        torch.set_num_threads(get_settings().torch_threads)
     out = Path(args.out)
     cache = PointCache(out / "points.json", fresh=args.fresh)
     strategies = [s for s in args.strategies.split(",") if s]
@@ -191,7 +205,8 @@ def main() -> None:
     for key in args.works.split(","):
         work = by_key.get(key) or Work(*_parse_key(key))
         print(f"{work.key}: running", flush=True)
-        points = run_work(work, strategies=strategies, baal=baal, seeds=args.seeds, cache=cache, out=out)
+        points = run_work(work, strategies=strategies, baal=baal, seeds=args.seeds, cache=cache, out=out,
+                          cached_only=args.cached_only)
         tables.append(table(work, points))
     print("\nlabel efficiency (random needs: median extra labels random needs to match; worst gap: the "
           "strategy's mean minus random's at its worst budget)")

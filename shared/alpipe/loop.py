@@ -71,7 +71,7 @@ class ExperimentConfig:
         if self.query_size < 1:
             raise UserError(f"--query-size must be at least 1, got {self.query_size}")
         if self.budget < self.initial:
-            raise UserError(f"--budget ({self.budget}) is smaller than the initial random set "
+            raise UserError(f"--budget ({self.budget}) is smaller than the initial set "
                             f"(--initial {self.initial}); raise the budget or lower --initial")
         check_cold_start(self.cold_start)
         if any(get_strategy(name).needs_mc for name in self.strategies) and self.mc_samples < 2:

@@ -40,6 +40,10 @@ def test_short_simulate_run_writes_the_contract(data_dir, tmp_path):
             assert [int(r["n_labeled"]) for r in run] == [20, 35, 50, 60]
             assert [int(r["round"]) for r in run] == [0, 1, 2, 3]
             assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in run)
+    # margin and entropy start from the same TypiClust set (and model init) per seed, so they agree there.
+    for seed in ("0", "1"):
+        first = {r["strategy"]: r["test_accuracy"] for r in rows if r["seed"] == seed and r["round"] == "0"}
+        assert first["margin"] == first["entropy"]
     # One progress line per round: strategy, seed, labels, accuracy, seconds.
     progress = [line for line in result.stderr.splitlines() if "round=" in line]
     assert len(progress) == 3 * 2 * 4
@@ -82,7 +86,10 @@ def test_image_folder_with_a_corrupt_file_is_reported_and_skipped(data_dir, tmp_
     (["--dataset", "mnist6k"], "unknown dataset 'mnist6k'"),
     (["--model", "vgg99"], "unknown model 'vgg99'"),
     (["--strategies", "margin,smallest"], "unknown strategy 'smallest'"),
-    (["--initial", "50", "--budget", "30"], "--budget (30) is smaller than the initial random set"),
+    (["--initial", "50", "--budget", "30"], "--budget (30) is smaller than the initial set"),
+    (["--strategies", "bald", "--model", "efficientnet_lite0"], "has no dropout"),
+    (["--strategies", "bald", "--mc-samples", "1"], "--mc-samples must be at least 2"),
+    (["--cold-start", "kmeans"], "invalid choice: 'kmeans'"),
     (["--stop", "forever"], "unknown stopping rule 'forever'"),
     (["--dataset", "EMPTY"], "no readable images"),
     (["--model", "small_cnn", "--no-finetune"], "small_cnn has no pretrained backbone"),

@@ -5,12 +5,12 @@ import numpy as np
 from ..errors import UserError
 from .bald import BALD
 from .base import Strategy
-from .diverse import Auto, PowerMargin
+from .diverse import Auto
 from .random import RandomSampling
 from .uncertainty import Entropy, LeastConfidence, Margin
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (RandomSampling, LeastConfidence, Margin, Entropy, BALD, PowerMargin, Auto)
+    cls.name: cls for cls in (RandomSampling, LeastConfidence, Margin, Entropy, BALD, Auto)
 }
 
 
