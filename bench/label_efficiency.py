@@ -32,7 +32,7 @@ from alpipe.storage import open_store
 from alpipe.strategies import get_strategy
 from alpipe.training import predict_proba
 
-STRATEGIES = ("random", "auto", "margin", "least_confidence", "entropy", "bald")
+STRATEGIES = ("random", "auto", "margin", "least_confidence", "entropy", "bald", "power_margin")
 BAAL_HEURISTICS = ("margin", "bald", "powerbald")
 
 
@@ -67,11 +67,12 @@ class PointCache:
         """Add one run, merged under a lock with what other bench processes wrote meanwhile (works and
         strategies can run as parallel processes, e.g. --works mnist5k-q100-b1000 beside the rest)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = f"{work.key}/{strategy}/{seed}"
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if self.path.exists():
-                self.runs = {**json.loads(self.path.read_text()), **self.runs}
-            self.runs[f"{work.key}/{strategy}/{seed}"] = [asdict(p) for p in points]
+            # Only this run is added to what is on disk now: what other processes wrote (or removed) stays so.
+            self.runs = json.loads(self.path.read_text()) if self.path.exists() else {}
+            self.runs[key] = [asdict(p) for p in points]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.runs))
             tmp.replace(self.path)

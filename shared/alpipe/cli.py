@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sim.add_argument("--dataset", default="mnist5k", help="mnist5k, digits, photos, or a folder <class>/<image>")
     sim.add_argument("--strategies", default="auto,margin,random",
-                     help="comma-separated: auto, margin, least_confidence, entropy, bald, random")
+                     help="comma-separated: auto, margin, least_confidence, entropy, bald, power_margin, random")
     sim.add_argument("--seeds", type=int, default=3, help="runs per strategy (seeds 0..N-1)")
     sim.add_argument("--initial", type=int, default=20, help="size of the initial labeled set")
     sim.add_argument("--cold-start", choices=COLD_STARTS,

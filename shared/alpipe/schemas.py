@@ -59,7 +59,7 @@ class ProjectCreate(BaseModel):
     name: Slug
     classes: list[str] = Field(min_length=2, description="class names, in the order the model outputs them")
     strategy: str = Field("auto", description="how the next images are chosen: auto (the measured best, see the "
-                                               "README), margin, least_confidence, entropy, bald, random")
+                                               "README), margin, least_confidence, entropy, bald, power_margin, random")
     cold_start: Literal["typiclust", "random"] | None = Field(
         None, description="how images are chosen before the first model: typiclust (typical images of clusters of "
                           "label-free features) or random; null: the strategy's own (random for random, else "

@@ -14,6 +14,7 @@ from alpipe.strategies.features import label_free_features, shrink
 from alpipe.strategies.typiclust import typicality, typiclust_order, typiclust_select
 from alpipe.training import predict_mc_proba
 
+PROBS = np.array([[0.5, 0.5], [0.9, 0.1], [0.6, 0.4]])
 CENTERS = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
 # At most 21 points a blob: typicality then averages over the whole blob, where the centre is nearest to all.
 SIZES = (21, 15, 9)
@@ -116,13 +117,17 @@ def test_power_keys_are_seeded_and_need_a_generator():
         power_keys(scores, beta=0, rng=np.random.default_rng(5))
 
 
-def test_auto_is_stochastic_margin_with_a_typiclust_cold_start():
+def test_auto_is_margin_with_a_typiclust_cold_start():
     auto = get_strategy("auto")
     assert auto.needs_model and auto.cold_start == "typiclust"
     assert get_strategy("random").cold_start == "random"
-    probs = np.array([[0.5, 0.5], [0.99, 0.01]] * 50)
-    top = rank(auto.score(probs, rng=np.random.default_rng(0)), 50)
-    assert (top % 2 == 0).mean() > 0.9  # the close calls come first
+    np.testing.assert_array_equal(auto.score(PROBS), get_strategy("margin").score(PROBS))
+
+
+def test_power_margin_puts_close_calls_first_but_not_only_them():
+    probs = np.array([[0.5, 0.5], [0.8, 0.2]] * 50)  # margin scores 1 and 0.4: weights 1 and 0.16
+    top = rank(get_strategy("power_margin").score(probs, rng=np.random.default_rng(0)), 50)
+    assert 0.7 < (top % 2 == 0).mean() < 1.0  # mostly the close calls, with a few others mixed in
 
 
 def test_mc_dropout_passes_differ_are_seeded_and_shaped():

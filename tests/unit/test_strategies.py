@@ -64,7 +64,7 @@ def test_rank_top_k():
 
 
 def test_registry_and_unknown_name():
-    assert set(STRATEGIES) == {"auto", "random", "least_confidence", "margin", "entropy", "bald"}
+    assert set(STRATEGIES) == {"auto", "random", "least_confidence", "margin", "entropy", "bald", "power_margin"}
     with pytest.raises(UserError, match="unknown strategy 'smallest'.*margin"):
         get_strategy("smallest")
 

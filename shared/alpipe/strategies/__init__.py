@@ -5,12 +5,12 @@ import numpy as np
 from ..errors import UserError
 from .bald import BALD
 from .base import Strategy
-from .diverse import Auto
+from .diverse import PowerMargin
 from .random import RandomSampling
-from .uncertainty import Entropy, LeastConfidence, Margin
+from .uncertainty import Auto, Entropy, LeastConfidence, Margin
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (RandomSampling, LeastConfidence, Margin, Entropy, BALD, Auto)
+    cls.name: cls for cls in (RandomSampling, LeastConfidence, Margin, Entropy, BALD, PowerMargin, Auto)
 }
 
 
