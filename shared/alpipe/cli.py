@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated: auto, margin, least_confidence, entropy, bald, power_margin, random")
     sim.add_argument("--seeds", type=int, default=3, help="runs per strategy (seeds 0..N-1)")
     sim.add_argument("--initial", type=int, default=20, help="size of the initial labeled set")
-    sim.add_argument("--cold-start", choices=COLD_STARTS,
+    sim.add_argument("--cold-start", metavar="|".join(COLD_STARTS),
                      help="how the initial set is chosen (default: each strategy's own: random for random, "
                           "typiclust for the others)")
     sim.add_argument("--mc-samples", type=int, default=20, help="MC-dropout passes for bald")

@@ -66,8 +66,8 @@ def maybe_enqueue(r: redis.Redis, project: Project, *, settings: Settings) -> st
     if project.model == AUTO or not uses_typiclust(project):
         return None  # no images yet, or nothing to order
     state = ProjectState(r, project.name)
-    if state.live_version() not in (None, 0) or not embed_pass.is_complete(r, project):
-        return None
+    if state.live_version() not in (None, 0) or state.model_version() > 0 or not embed_pass.is_complete(r, project):
+        return None  # a model (or its ranking) exists: the cold start is over
     total = _pool_total(state)
     done = r.get(_ordered_key(project.name))
     if total == 0 or (done is not None and total < int(done) * REORDER_GROWTH):

@@ -230,8 +230,8 @@ def order_cold_start(project: Project, *, r: redis.Redis, store: ObjectStore, te
     """The cold-start job (alpipe.cold_start): TypiClust's picks over the pool's label-free features,
     moved to the top of ranking v0."""
     state = ProjectState(r, project.name)
-    if state.live_version() not in (None, 0):
-        return {"project": project.name, "skipped": "a model's ranking is live"}
+    if state.live_version() not in (None, 0) or state.model_version() > 0:
+        return {"project": project.name, "skipped": "a model exists"}
     started = time.perf_counter()
     covered, unlabeled, total = cold_start.pool_for_order(state, seed=project.seed)
     ids = covered + unlabeled

@@ -37,7 +37,9 @@ def test_auto_is_small_cnn_for_small_grayscale_images(app_for, local: ObjectStor
     info = client.get("/projects/pets").json()
     assert info["project"]["model"] == "small_cnn" and info["embedding"] is None
     assert local.get_json(keys.project_key("pets"))["model"] == "small_cnn"  # the durable definition too
-    assert Queue(keys.QUEUE_SCORE, connection=client.app.state.clients.redis).count == 0
+    # No embedding pass; only the cold-start order is queued for the scorers.
+    queued = Queue(keys.QUEUE_SCORE, connection=client.app.state.clients.redis).get_job_ids()
+    assert queued == [f"coldstart-pets-n{info['counts']['pool']}"]
 
 
 def test_auto_is_a_backbone_in_embedding_mode_for_colour_images(app_for, local: ObjectStore, tmp_path: Path,

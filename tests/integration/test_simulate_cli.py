@@ -89,7 +89,7 @@ def test_image_folder_with_a_corrupt_file_is_reported_and_skipped(data_dir, tmp_
     (["--initial", "50", "--budget", "30"], "--budget (30) is smaller than the initial set"),
     (["--strategies", "bald", "--model", "efficientnet_lite0"], "has no dropout"),
     (["--strategies", "bald", "--mc-samples", "1"], "--mc-samples must be at least 2"),
-    (["--cold-start", "kmeans"], "invalid choice: 'kmeans'"),
+    (["--cold-start", "kmeans"], "unknown cold start 'kmeans'; choose from: typiclust, random"),
     (["--stop", "forever"], "unknown stopping rule 'forever'"),
     (["--dataset", "EMPTY"], "no readable images"),
     (["--model", "small_cnn", "--no-finetune"], "small_cnn has no pretrained backbone"),
