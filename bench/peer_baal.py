@@ -30,7 +30,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import RandomCrop
 
 from alpipe.config import get_settings
-from alpipe.loop import ExperimentConfig, PreparedData, prepare_data
+from alpipe.loop import ExperimentConfig, PreparedData, prepare_data, random_initial_set
 from alpipe.models import ModelSpec, build_model, normalize_batch
 from alpipe.results import CurvePoint, mean_curves, savings_table, summarize
 from alpipe.storage import open_store
@@ -128,8 +128,7 @@ def check_supported(data: PreparedData) -> None:
 
 def initial_labeled(pool: np.ndarray, *, seed: int, n: int) -> np.ndarray:
     """Mask over the pool of the initial labeled set: the very images alpipe.loop.run_one starts from."""
-    chosen = np.random.default_rng([seed, 0]).choice(pool, size=n, replace=False)
-    return np.isin(pool, chosen)
+    return np.isin(pool, random_initial_set(pool, n, seed=seed))
 
 
 def build_wrapper(data: PreparedData, *, seed: int, config: ExperimentConfig) -> ModelWrapper:

@@ -22,12 +22,12 @@ import logging
 import numpy as np
 import redis
 
-from . import embed_pass, keys
+from . import embed_pass
 from .config import Settings
 from .model_specs import AUTO
 from .schemas import Project
 from .state import ProjectState
-from .strategies import get_strategy
+from .strategies import cold_start_for
 from .work import enqueue_job, job_states
 
 log = logging.getLogger(__name__)
@@ -45,11 +45,7 @@ THUMBNAIL_SIZE = 32
 
 
 def uses_typiclust(project: Project) -> bool:
-    return (project.cold_start or get_strategy(project.strategy).cold_start) == "typiclust"
-
-
-def _ordered_key(project: str) -> str:
-    return keys.redis_key(project, "cold_start_n")
+    return cold_start_for(project.strategy, project.cold_start) == "typiclust"
 
 
 def _pool_total(state: ProjectState) -> int:
@@ -69,8 +65,8 @@ def maybe_enqueue(r: redis.Redis, project: Project, *, settings: Settings) -> st
     if state.live_version() not in (None, 0) or state.model_version() > 0 or not embed_pass.is_complete(r, project):
         return None  # a model (or its ranking) exists: the cold start is over
     total = _pool_total(state)
-    done = r.get(_ordered_key(project.name))
-    if total == 0 or (done is not None and total < int(done) * REORDER_GROWTH):
+    done = state.cold_start_ordered()
+    if total == 0 or (done is not None and total < done * REORDER_GROWTH):
         return None
     jid = job_id(project.name, total)
     [(status, _)] = job_states(r, [jid])
@@ -80,14 +76,19 @@ def maybe_enqueue(r: redis.Redis, project: Project, *, settings: Settings) -> st
         return None
     enqueue_job(r, "score", "services.scorer.jobs.cold_start", {"project": project.name, "pool_total": total},
                 jid, settings=settings, description=f"{project.name}: cold-start order over {total} images")
-    return jid
+    return state.cold_start_job(jid)
 
 
 def status(r: redis.Redis, project: Project) -> str:
-    """'random' (the strategy's own), 'pending' (the TypiClust order is not there yet) or 'typiclust'."""
+    """'random' (the strategy's own), 'typiclust' (an order is there), 'failed' (the job queued for it failed)
+    or 'pending' (it is being made, or waits for images or the embedding pass)."""
     if not uses_typiclust(project):
         return "random"
-    return "typiclust" if r.exists(_ordered_key(project.name)) else "pending"
+    state = ProjectState(r, project.name)
+    if state.cold_start_ordered() is not None:
+        return "typiclust"
+    [(job_status, _)] = job_states(r, [state.cold_start_job()])
+    return "failed" if job_status == "failed" else "pending"
 
 
 def pool_for_order(state: ProjectState, *, seed: int) -> tuple[list[str], list[str], int]:
@@ -103,9 +104,3 @@ def pool_for_order(state: ProjectState, *, seed: int) -> tuple[list[str], list[s
         rng = np.random.default_rng([seed, 7])
         unlabeled = sorted(rng.choice(unlabeled, size=MAX_FEATURE_POOL, replace=False).tolist())
     return covered[:MAX_FEATURE_POOL], unlabeled, total
-
-
-def publish_order(r: redis.Redis, project: str, order: list[str], *, pool_total: int) -> None:
-    """Move the picks to the top of ranking v0 and record which pool size the order is for."""
-    ProjectState(r, project).promote_cold_start(order)
-    r.set(_ordered_key(project), pool_total)

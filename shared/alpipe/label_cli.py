@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .errors import UserError
+from .schemas import COLD_START_PICK_FLOOR
 
 KEYS = "1234567890"
 COMMANDS = {"s": "skip", "u": "undo", "q": "quit"}
@@ -265,7 +266,7 @@ class LabelSession:
         score = sample.get("score")
         parts.append(f"score {score:.3f}" if isinstance(score, int | float) else "score -")
         if item.ranking_version == 0:
-            typical = isinstance(score, int | float) and score > 1.0  # TypiClust's picks sit above [0, 1)
+            typical = isinstance(score, int | float) and score > COLD_START_PICK_FLOOR
             parts.append("(cold start: typical image)" if typical else "(cold start: random order)")
         guess = sample.get("guess")
         if guess:

@@ -24,7 +24,7 @@ from .models import ModelSpec, build_model, model_in_channels
 from .results import CurvePoint
 from .schemas import DatasetManifest, SampleRecord
 from .storage import ObjectStore
-from .strategies import check_cold_start, get_strategy, rank, subsample_pool
+from .strategies import check_cold_start, cold_start_for, get_strategy, rank, subsample_pool
 from .strategies.features import label_free_features
 from .strategies.typiclust import typiclust_select
 from .training import TrainConfig, evaluate, fit, make_checkpoint, predict_mc_proba, predict_proba, resolve_device
@@ -187,23 +187,29 @@ def save_tensor_cache(store: ObjectStore, key: str, ids: list[str], images: torc
     store.put_bytes(key, buf.getvalue())
 
 
+def random_initial_set(pool: np.ndarray, n: int, *, seed: int) -> np.ndarray:
+    """The random cold start: n pool indices fixed by the seed alone, so every strategy (and the baal peer of
+    the bench) with a random start begins from the same images."""
+    return np.random.default_rng([seed, 0]).choice(pool, size=n, replace=False)
+
+
 def run_one(data: PreparedData, *, strategy_name: str, seed: int, config: ExperimentConfig,
             store: ObjectStore | None = None, checkpoint_prefix: str | None = None) -> list[CurvePoint]:
     """One learning curve: initial set (TypiClust or random), then query → oracle → retrain until the budget."""
     strategy = get_strategy(strategy_name)
     spec = data.spec
     device = resolve_device(config.device)
-    # The initial set and the model's init depend on the seed only, so strategies share them.
-    rng_init = np.random.default_rng([seed, 0])
     rng_query = np.random.default_rng([seed, 1, sum(map(ord, strategy_name))])
     pool = np.flatnonzero(~data.is_test)
     test = np.flatnonzero(data.is_test)
     test_x, test_y = data.images[test], data.labels[test]
     is_labeled = np.zeros(len(data.ids), dtype=bool)
-    if (config.cold_start or strategy.cold_start) == "typiclust":
+    # The initial set and the model's init depend on the seed and the cold start only, so strategies with the
+    # same cold start share them.
+    if cold_start_for(strategy_name, config.cold_start) == "typiclust":
         is_labeled[pool[typiclust_select(data.label_free_features()[pool], config.initial, seed=seed)]] = True
     else:
-        is_labeled[rng_init.choice(pool, size=config.initial, replace=False)] = True
+        is_labeled[random_initial_set(pool, config.initial, seed=seed)] = True
 
     def new_model() -> torch.nn.Module:
         torch.manual_seed(seed)

@@ -78,15 +78,21 @@ def wait_for_embeddings(api: ApiClient, project: str, *, timeout_s: float, poll_
 
 def wait_for_cold_start(api: ApiClient, project: str, *, timeout_s: float, poll_s: float = 0.25) -> str:
     """Poll until the project's cold-start order is ready (TypiClust's picks at the top), so the first
-    labels are the ones a labeling team would get; the status ('typiclust' or 'random')."""
+    labels are the ones a labeling team would get; the status ('typiclust', 'random' or 'failed')."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        status = api.call("GET", f"/projects/{project}")["cold_start"]
-        if status != "pending":
-            return status
+    status = api.call("GET", f"/projects/{project}")["cold_start"]
+    if status == "pending":
+        log.info("%s: waiting for a scorer to order the pool for the cold start (TypiClust)", project)
+    while status == "pending":
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{project}: cold-start order not ready after {timeout_s:.0f}s")
+            raise RuntimeError(f"{project}: no cold-start order after {timeout_s:.0f}s; are scorers running "
+                               f"(alpipe worker scorer)? Their log says what they are doing")
         time.sleep(poll_s)
+        status = api.call("GET", f"/projects/{project}")["cold_start"]
+    if status == "failed":
+        log.warning("%s: the cold-start job failed (see the scorer's log); the first labels follow the seeded "
+                    "random order", project)
+    return status
 
 
 def wait_for_round(api: ApiClient, project: str, *, n_labeled: int, timeout_s: float, poll_s: float = 0.25) -> dict:

@@ -244,9 +244,11 @@ class ProjectPublic(BaseModel):
     disagreements: Disagreements = Field(default_factory=lambda: Disagreements(count=0, samples=[]))
     embedding: EmbeddingProgress | None = Field(None, description="the embedding pass; None when the project "
                                                                   "does not run in embedding mode")
-    cold_start: Literal["typiclust", "pending", "random"] = Field(
+    cold_start: Literal["typiclust", "pending", "failed", "random"] = Field(
         "random", description="the order served before the first model: typiclust (ready), pending (a scorer is "
-                              "computing it; a random order is served meanwhile), or random")
+                              "computing it; the seeded random order is served meanwhile), failed (the scorer's "
+                              "job failed: the random order stays, the scorer's log says why; importing more "
+                              "images queues it again), or random")
 
 
 class ProjectSummary(BaseModel):
@@ -278,6 +280,11 @@ class ImportResult(BaseModel):
 class Guess(BaseModel):
     label: str = Field(description="the class the served ranking's model finds most likely")
     confidence: float = Field(ge=0, le=1, description="that model's probability of the class")
+
+
+# Before the first model, the cold-start ranking's TypiClust picks score above this and its seeded random
+# order below it (in [0, 1)), so a client can tell a typical image from a random one.
+COLD_START_PICK_FLOOR = 1.0
 
 
 class QuerySample(BaseModel):

@@ -23,6 +23,7 @@ from . import cold_start, embed_pass, keys
 from .checkpoints import LoadedModel, model_from_checkpoint, read_checkpoint
 from .config import Settings
 from .embeddings import Backbone, EmbeddingCache, EmbedResult, backbone_identity, load_backbone
+from .image_probe import image_kind
 from .model_specs import model_spec, project_uses_embeddings
 from .pipeline import embedding_pass_complete, finish_ranking, load_project, score_heartbeat
 from .schemas import EmbedJob, Project, ScoreJob
@@ -32,7 +33,6 @@ from .strategies import Strategy, get_strategy
 from .strategies.features import label_free_features
 from .strategies.typiclust import typiclust_order
 from .tensor_cache import TensorCache
-from .trainer_core import dataset_channels
 from .training import predict_mc_proba, predict_proba
 from .work import Heartbeat, worker_identity
 
@@ -241,7 +241,7 @@ def order_cold_start(project: Project, *, r: redis.Redis, store: ObjectStore, te
     picks = typiclust_order(label_free_features(inputs, seed=project.seed), cold_start.COLD_START_PICKS,
                             first=project.query_size, labeled=is_covered, seed=project.seed)
     order = [ids[i] for i in picks]
-    cold_start.publish_order(r, project.name, order, pool_total=total)
+    state.promote_cold_start(order, pool_total=total)
     seconds = time.perf_counter() - started
     log.info("%s: cold-start order: %d TypiClust picks over %d images in %.2fs", project.name, len(order),
              len(ids), seconds)
@@ -257,6 +257,8 @@ def _label_free_inputs(project: Project, ids: list[str], *, store: ObjectStore, 
         vectors, ok, _ = embeddings.get_many(store, ids, backbone=identity)
         return vectors[torch.from_numpy(ok)].float().numpy(), ok
     spec = model_spec(project.model, project.input_size)
-    channels = 3 if spec.rgb else dataset_channels(store, ids)
+    # The first images' headers decide the channels: clustering needs no exact answer, and reading every
+    # image's header (trainer_core.dataset_channels) would fetch the whole pool twice.
+    channels = 3 if spec.rgb or not image_kind(store, ids)[0] else 1
     pixels = tensors.get_many(store, ids, size=min(spec.input_size, cold_start.THUMBNAIL_SIZE), channels=channels)
     return pixels.numpy(), np.ones(len(ids), dtype=bool)

@@ -13,6 +13,7 @@ import time
 import redis
 
 from .keys import redis_key, shard_jobs_key, shard_plan_key
+from .schemas import COLD_START_PICK_FLOOR
 
 PROJECTS_KEY = "alpipe:projects"
 
@@ -414,13 +415,30 @@ class ProjectState:
             self.r.zadd(self.ranking_key(0), scores)
         self.r.setnx(self.key("ranking_live"), 0)
 
-    def promote_cold_start(self, order: list[str]) -> None:
-        """Move `order` to the top of the cold-start ranking, first first. Only samples still in it move
-        (ZADD XX): one labeled meanwhile has left the ranking and stays out. Scores above 1 put them
-        ahead of the random order's [0, 1)."""
+    def promote_cold_start(self, order: list[str], *, pool_total: int) -> None:
+        """Move `order` to the top of the cold-start ranking, first first, and record that the order covers a
+        pool of pool_total samples. Only samples still in the ranking move (ZADD XX): one labeled meanwhile has
+        left it and stays out. Their scores lie above COLD_START_PICK_FLOOR, the random order's below."""
+        pipe = self.r.pipeline()  # MULTI: the order and its record land together
         if order:
             n = len(order)
-            self.r.zadd(self.ranking_key(0), {sid: 1.0 + (n - i) / n for i, sid in enumerate(order)}, xx=True)
+            pipe.zadd(self.ranking_key(0), {sid: COLD_START_PICK_FLOOR + (n - i) / n for i, sid in enumerate(order)},
+                      xx=True)
+        pipe.set(self.key("cold_start", "ordered"), pool_total)
+        pipe.execute()
+
+    def cold_start_ordered(self) -> int | None:
+        """The pool size the current cold-start order was made for; None when there is none yet."""
+        value = self.r.get(self.key("cold_start", "ordered"))
+        return int(value) if value is not None else None
+
+    def cold_start_job(self, job_id: str | None = None) -> str | None:
+        """The id of the cold-start job queued last (set it by passing one)."""
+        if job_id is not None:
+            self.r.set(self.key("cold_start", "job"), job_id)
+            return job_id
+        value = self.r.get(self.key("cold_start", "job"))
+        return value.decode() if value is not None else None
 
     def begin_ranking(self, version: int, n_shards: int) -> None:
         self.r.set(self.key("ranking", version, "n_shards"), n_shards)

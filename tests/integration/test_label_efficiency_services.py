@@ -51,7 +51,8 @@ def test_first_query_is_typiclust_on_a_real_scorer(app_for, local: ObjectStore, 
     the random baseline keeps the seeded random order."""
     folder = shapes_folder(tmp_path / "shapes", per_class=40)
     client = app_for(local)
-    new_project(client, name="typical", classes=SHAPES, model="small_cnn", pretrained=False, query_size=6)
+    created = new_project(client, name="typical", classes=SHAPES, model="small_cnn", pretrained=False, query_size=6)
+    assert created["project"]["strategy"] == "auto"  # the default
     new_project(client, name="baseline", classes=SHAPES, model="small_cnn", pretrained=False, strategy="random")
     for name in ("typical", "baseline"):
         import_folder(client, name, folder)
@@ -101,16 +102,18 @@ def test_cold_start_keeps_labels_and_leases_where_they_are(redis_url, redis_clie
     assert cold_start.maybe_enqueue(r, setup.project, settings=settings) is None  # up to date
     assert pipeline.reconcile(r, local, settings)["cold_start"] == {}
     # Once a model's ranking is live, no cold-start order is made any more, even a missing one.
-    r.delete(keys.redis_key("coldstart", "cold_start_n"))
+    r.delete(state.key("cold_start", "ordered"))
     r.set(state.key("ranking_live"), 1)
     assert cold_start.maybe_enqueue(r, setup.project, settings=settings) is None
 
 
-def test_auto_and_bald_rankings_lease_disjointly(redis_url, redis_client, local: ObjectStore) -> None:
+def test_diverse_auto_and_bald_rankings_lease_disjointly(redis_url, redis_client, local: ObjectStore) -> None:
+    """Two labelers on a ranking scored by stochastic acquisition (power_margin), by auto and by bald: disjoint
+    leases that together are the top of the ranking."""
     r = redis_client
     settings = make_settings(redis_url, store_settings(local))
     scorer_jobs.configure(settings, redis_client=r, store=local)
-    for strategy in ("auto", "bald"):
+    for strategy in ("power_margin", "auto", "bald"):
         setup = make_project(local, r, name=f"p-{strategy}", strategy=strategy)
         give_labels(local, setup, 20, batch="b1")
         in_process_trainer_round(local, r, settings, setup.project.name)
@@ -124,6 +127,28 @@ def test_auto_and_bald_rankings_lease_disjointly(redis_url, redis_client, local:
         assert first + second == ranking[:40]
         guesses = setup.state.guesses(1, first)
         assert all(g is not None and 0 <= g[0] < 3 for g in guesses)
+
+
+def test_a_failed_cold_start_job_is_reported_and_not_requeued(redis_url, redis_client, local: ObjectStore,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    r = redis_client
+    settings = make_settings(redis_url, store_settings(local))
+    setup = make_project(local, r, name="poison", strategy="auto")
+    setup.state.set_cold_start_ranking({sid: cold_start_score(0, sid) for sid in setup.state.pool_ids()})
+    assert cold_start.maybe_enqueue(r, setup.project, settings=settings) == "coldstart-poison-n120"
+    assert cold_start.status(r, setup.project) == "pending"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the features could not be computed")
+
+    monkeypatch.setattr(scorer_jobs.scoring, "order_cold_start", broken)
+    scorer_jobs.configure(settings, redis_client=r, store=local)
+    run_burst(r, keys.QUEUE_SCORE)
+    assert cold_start.status(r, setup.project) == "failed"
+    assert cold_start.maybe_enqueue(r, setup.project, settings=settings) is None  # not every reconciler pass
+    # The random order is still served.
+    served = [sid for sid, _ in setup.state.lease(3, token="t", labeler="ann", ttl_s=60)]
+    assert served == sorted(setup.state.pool_ids(), key=lambda sid: -cold_start_score(0, sid))[:3]
 
 
 @pytest.mark.parametrize("body, message", [

@@ -2,7 +2,15 @@ import math
 
 import pytest
 
-from alpipe.results import CurvePoint, curves_csv, label_savings, labels_to_reach, read_curves_csv, summarize
+from alpipe.results import (
+    CurvePoint,
+    curves_csv,
+    label_savings,
+    labels_to_reach,
+    read_curves_csv,
+    summarize,
+    worst_gap,
+)
 
 
 def test_labels_to_reach_interpolates():
@@ -26,6 +34,13 @@ def test_label_savings_when_strategy_never_reaches():
     worse = {"n_labeled": [20, 30], "mean": [0.5, 0.6]}
     row = label_savings(random, worse)["per_budget"][0]
     assert row["reached"] is False and row["extra_fraction"] == pytest.approx(30 / 30 - 1)
+
+
+def test_worst_gap_known_answer():
+    baseline = {"n_labeled": [20, 30, 40], "mean": [0.5, 0.6, 0.7]}
+    # Above at 20 and 40, 0.05 below at 30; a curve with no point at 30 is interpolated there.
+    assert worst_gap(baseline, {"n_labeled": [20, 30, 40], "mean": [0.6, 0.55, 0.8]}) == pytest.approx(-0.05)
+    assert worst_gap(baseline, {"n_labeled": [20, 40], "mean": [0.5, 0.7]}) == pytest.approx(0.0)
 
 
 def test_csv_round_trip_and_summary():

@@ -679,7 +679,7 @@
     $("meta-score-label").textContent = item && !item.model_version ? "Order" : `Score (${strategy})`;
     $("meta-score").textContent = !item ? "—"
       : item.score === null ? "random fill-in"
-      // Before a model, TypiClust's picks score above the random order's [0, 1).
+      // Before a model, TypiClust's picks score above the random order's [0, 1) (schemas.COLD_START_PICK_FLOOR).
       : !item.model_version ? (item.score > 1 ? "typical (cold start)" : "random (cold start)")
       : item.score.toFixed(3);
     const id = $("meta-id");

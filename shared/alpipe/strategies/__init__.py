@@ -31,6 +31,12 @@ def check_cold_start(name: str | None) -> None:
         raise UserError(f"unknown cold start {name!r}; choose from: {', '.join(COLD_STARTS)}")
 
 
+def cold_start_for(strategy: str, override: str | None = None) -> str:
+    """The cold start a run of `strategy` gets: the override (a project's or simulate's cold_start), else the
+    strategy's own (random for the random baseline, typiclust for the others)."""
+    return override or get_strategy(strategy).cold_start
+
+
 def rank(scores: np.ndarray, k: int | None = None) -> np.ndarray:
     """Indices by descending score; ties go to the lower index, so rankings are reproducible."""
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
@@ -46,4 +52,5 @@ def subsample_pool(candidates: np.ndarray, pool_size: int, rng: np.random.Genera
     return candidates[np.sort(chosen)]
 
 
-__all__ = ["COLD_STARTS", "STRATEGIES", "Strategy", "check_cold_start", "get_strategy", "rank", "subsample_pool"]
+__all__ = ["COLD_STARTS", "STRATEGIES", "Strategy", "check_cold_start", "cold_start_for", "get_strategy", "rank",
+           "subsample_pool"]
