@@ -9,9 +9,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: setup demo demo-local demo-photos test test-fast bench lint up clean
+# Label Studio, for the end-to-end test of its ML-backend protocol (tests/e2e/test_label_studio.py), in
+# its own virtualenv: its pins (Django and friends) are not alpipe's.
+LS_VENV := .venv-labelstudio
+LS_STAMP := $(LS_VENV)/.installed
+$(LS_STAMP):
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install --quiet label-studio==1.23.2
+	touch $(LS_STAMP)
+
+.PHONY: setup labelstudio demo demo-local demo-photos test test-fast bench lint up clean
 
 setup: $(STAMP)
+
+labelstudio: $(LS_STAMP)
 
 # The experiment through the live services: a local redis-server, the API, two trainers and two
 # scorers start, the simulated oracle labels over HTTP, and everything stops at the end.
@@ -35,7 +46,7 @@ demo-photos: setup
 up: setup
 	$(BIN)/alpipe up --scorers 2
 
-test: setup lint
+test: setup labelstudio lint
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
@@ -54,4 +65,4 @@ lint: setup
 	$(BIN)/ruff check shared services tests bench
 
 clean:
-	rm -rf $(VENV) runs data .pytest_cache
+	rm -rf $(VENV) $(LS_VENV) runs data .pytest_cache

@@ -14,6 +14,8 @@ authentication is off). Routes then ask for what they need:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import threading
 from typing import Annotated
@@ -93,7 +95,9 @@ MetricsDep = Annotated[ApiMetrics, Depends(get_metrics)]
 UNAUTHORIZED = "missing or unknown token; send Authorization: Bearer <token>"
 
 # Open without a token: liveness, scraping, the API docs and the static web page (which asks for a token).
-_PUBLIC_PATHS = {"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
+_PUBLIC_PATHS = {"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc",
+                 # Label Studio's health check; its webhook checks its own secret (labelstudio_routes.py).
+                 "/labelstudio/health", "/labelstudio/webhook"}
 _PUBLIC_PREFIX = "/ui"
 # Where a browser's <img> fetches, which cannot send headers: `?token=` is accepted too.
 QUERY_TOKEN_ROUTES = {"/projects/{name}/samples/{sample_id}/image", "/projects/{name}/curve.png"}
@@ -119,13 +123,27 @@ def _accepts_query_token(request: Request) -> bool:
     return bool(_QUERY_TOKEN_PATH.fullmatch(request.url.path))
 
 
+def bearer_or_basic_token(request: Request) -> str | None:
+    """The token of `Authorization: Bearer <token>`, or the password of Basic auth (what Label Studio's
+    model settings send; the user name is not used)."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip() or None
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value.strip(), validate=True).decode().partition(":")[2] or None
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+    return None
+
+
 def get_principal(request: Request, settings: SettingsDep,
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> Principal:
     """The caller of the request (401 for a missing or unknown token; the dev principal when auth is off)."""
     cached = getattr(request.state, "principal", None)
     if cached is not None:
         return cached
-    token = credentials.credentials if credentials is not None else None
+    token = credentials.credentials if credentials is not None else bearer_or_basic_token(request)
     if token is None and _accepts_query_token(request):
         token = request.query_params.get("token") or None
     principal = access.authenticate(settings, token)

@@ -16,11 +16,13 @@ from fastapi.responses import JSONResponse
 from alpipe.access import Forbidden, auth_enabled, check_access_config
 from alpipe.config import Settings, get_settings
 from alpipe.errors import NotFound, UserError
+from alpipe.labelstudio.client import LabelStudioError, LabelStudioNotFound
 from alpipe.projects import Busy, Conflict, Invalid, NotAnImage, TooLarge
 from alpipe.recovery import recover_all
 
 from .deps import Clients, require_authentication
 from .export_routes import router as export_router
+from .labelstudio_routes import router as labelstudio_router
 from .metrics import ApiMetrics, LatencyMiddleware
 from .routes import router
 from .ui import router as ui_router
@@ -29,6 +31,7 @@ log = logging.getLogger("alpipe.api")
 
 # Most specific first: the first class in an error's MRO that is listed here gives its status.
 _STATUS: dict[type[UserError], int] = {
+    LabelStudioNotFound: 404, LabelStudioError: 502,
     NotFound: 404, Forbidden: 403, Invalid: 422, Conflict: 409, TooLarge: 413, NotAnImage: 415, Busy: 503,
     UserError: 400,
 }
@@ -164,6 +167,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_error_handlers(app)
     app.include_router(router)
     app.include_router(export_router)
+    app.include_router(labelstudio_router)
     app.include_router(ui_router)
     return app
 

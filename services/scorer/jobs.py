@@ -15,6 +15,7 @@ from alpipe import scoring
 from alpipe.config import Settings, get_settings
 from alpipe.embeddings import EmbeddingCache
 from alpipe.errors import UserError
+from alpipe.labelstudio import sync as labelstudio_sync
 from alpipe.pipeline import load_project
 from alpipe.schemas import EmbedJob, ScoreJob
 from alpipe.storage import ObjectStore, open_store
@@ -61,11 +62,14 @@ def score_shard(payload: dict) -> dict:
     job = ScoreJob.model_validate(payload)
     ctx = context()
     current = get_current_job()
-    return scoring.score_shard(job, r=ctx.redis, store=ctx.store, models=ctx.models, tensors=ctx.tensors,
-                               embeddings=ctx.embeddings, batch_size=ctx.settings.score_batch_size,
-                               heartbeat_ttl_s=ctx.settings.heartbeat_ttl_s,
-                               job_id=current.id if current is not None else None,
-                               delay_s=ctx.settings.test_score_delay_s)
+    result = scoring.score_shard(job, r=ctx.redis, store=ctx.store, models=ctx.models, tensors=ctx.tensors,
+                                 embeddings=ctx.embeddings, batch_size=ctx.settings.score_batch_size,
+                                 heartbeat_ttl_s=ctx.settings.heartbeat_ttl_s,
+                                 job_id=current.id if current is not None else None,
+                                 delay_s=ctx.settings.test_score_delay_s)
+    if result["made_live"]:
+        labelstudio_sync.enqueue_push(ctx.redis, job.project, settings=ctx.settings)
+    return result
 
 
 def embed_shard(payload: dict) -> dict:
@@ -81,5 +85,20 @@ def cold_start(payload: dict) -> dict:
     """rq job: move TypiClust's picks to the top of a project's cold-start ranking."""
     ctx = context()
     project = load_project(ctx.store, payload["project"])
-    return scoring.order_cold_start(project, r=ctx.redis, store=ctx.store, tensors=ctx.tensors,
-                                    embeddings=ctx.embeddings)
+    result = scoring.order_cold_start(project, r=ctx.redis, store=ctx.store, tensors=ctx.tensors,
+                                      embeddings=ctx.embeddings)
+    labelstudio_sync.enqueue_push(ctx.redis, project.name, settings=ctx.settings)
+    return result
+
+
+def labelstudio_ingest(payload: dict) -> dict:
+    """rq job: ingest a Label Studio project's tasks, secure its webhook, push predictions."""
+    ctx = context()
+    return labelstudio_sync.sync_project(payload["project"], r=ctx.redis, store=ctx.store, settings=ctx.settings)
+
+
+def labelstudio_push(payload: dict) -> dict:
+    """rq job: push the live ranking's predictions to the Label Studio project."""
+    ctx = context()
+    return labelstudio_sync.push_predictions(payload["project"], r=ctx.redis, store=ctx.store,
+                                                  settings=ctx.settings)

@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     # Command-line clients (`alpipe label`, `alpipe export`): the token they send as that Bearer token.
     token: str = ""
 
+    # Label Studio as a client (alpipe serves its ML-backend protocol under /labelstudio). Where alpipe
+    # reaches Label Studio, when the hostname Label Studio sends in /setup is not that (its default
+    # is http://localhost:8080), and the token alpipe uses there: a personal access token, or a legacy
+    # one. Empty: what /setup's extra_params or Label Studio itself send.
+    label_studio_url: str = ""
+    label_studio_token: str = ""
+
     @field_validator("labelers", mode="before")
     @classmethod
     def _labelers_from_json(cls, value: Any) -> Any:

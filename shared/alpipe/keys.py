@@ -9,6 +9,11 @@ Object keys (the durable source of truth):
     projects/<p>/models/v<NNNNNN>.pt             immutable checkpoint of model version N
     projects/<p>/models/v<NNNNNN>.json           its metrics (test accuracy, n_labeled, timings)
     projects/<p>/models/current.json             pointer to the newest complete version
+    projects/<p>/labelstudio/link.json           the Label Studio project it is connected to
+    projects/<p>/labelstudio/tasks/<ts>-<batch>.jsonl
+                                                 Label Studio task id -> sample id, per ingest
+    projects/<p>/labelstudio/annotations/<ts>-<batch>.jsonl
+                                                 Label Studio annotation id -> "<sample> <labeler>"
     experiments/<name>/<file>                    results of a simulate run
     cache/datasets/<name>/<HxWxC>.pt             decoded images of a dataset at one input size
     embeddings/<backbone>/<sha256>               an image's embedding by one backbone identity
@@ -55,6 +60,18 @@ def label_log_key(project: str, stamp: str, batch_id: str) -> str:
     return f"projects/{project}/labels/{stamp}-{batch_id}.jsonl"
 
 
+def labelstudio_link_key(project: str) -> str:
+    return f"projects/{project}/labelstudio/link.json"
+
+
+def labelstudio_map_prefix(project: str, kind: str) -> str:
+    return f"projects/{project}/labelstudio/{kind}/"
+
+
+def labelstudio_map_key(project: str, kind: str, stamp: str, batch_id: str) -> str:
+    return f"projects/{project}/labelstudio/{kind}/{stamp}-{batch_id}.jsonl"
+
+
 def models_prefix(project: str) -> str:
     return f"projects/{project}/models/"
 
@@ -95,6 +112,11 @@ def health_probe_key() -> str:
 def redis_key(project: str, *parts: object) -> str:
     """`alpipe:{project}:part:part`; braces keep one project's keys in one Redis Cluster slot."""
     return ":".join(["alpipe", "{" + project + "}", *(str(p) for p in parts)])
+
+
+def labelstudio_links_key() -> str:
+    """Redis hash: Label Studio project id -> the alpipe project connected to it."""
+    return "alpipe:labelstudio:links"
 
 
 def tensor_cache_key(dataset: str, size: int, channels: int) -> str:

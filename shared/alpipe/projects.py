@@ -127,11 +127,11 @@ def _chunks(items: list, size: int = _CHUNK) -> Iterator[list]:
         yield items[start:start + size]
 
 
-def _jsonl(records: Iterable[BaseModel]) -> bytes:
+def jsonl_bytes(records: Iterable[BaseModel]) -> bytes:
     return "".join(rec.model_dump_json() + "\n" for rec in records).encode()
 
 
-def _parse_jsonl(data: bytes, model: type[M]) -> list[M]:
+def parse_jsonl(data: bytes, model: type[M]) -> list[M]:
     return [model.model_validate_json(line) for line in data.splitlines() if line.strip()]
 
 
@@ -169,14 +169,14 @@ def read_sample_batches(store: ObjectStore, project: str) -> Iterator[tuple[str,
     """(key, records) of every sample batch of the project, in write order."""
     for key in store.list(keys.samples_prefix(project)):
         if key.endswith(".jsonl"):
-            yield key, _parse_jsonl(store.get_bytes(key), SampleRecord)
+            yield key, parse_jsonl(store.get_bytes(key), SampleRecord)
 
 
 def read_label_log(store: ObjectStore, project: str) -> Iterator[tuple[str, list[LabelRecord]]]:
     """(key, records) of every label-log batch of the project, in write order (latest wins)."""
     for key in store.list(keys.label_log_prefix(project)):
         if key.endswith(".jsonl"):
-            yield key, _parse_jsonl(store.get_bytes(key), LabelRecord)
+            yield key, parse_jsonl(store.get_bytes(key), LabelRecord)
 
 
 # --- projects ----------------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ def _seed_cold_start(state: ProjectState, project: Project, pool_ids: list[str])
 
 def _write_sample_batch(store: ObjectStore, project: str, records: list[SampleRecord]) -> str:
     key = keys.sample_batch_key(project, new_stamp(), new_batch_id())
-    store.put_if_absent(key, _jsonl(records))
+    store.put_if_absent(key, jsonl_bytes(records))
     return key
 
 
@@ -371,6 +371,31 @@ def add_upload(project: Project, data: bytes, *, filename: str | None, label: st
         _seed_cold_start(state, project, [sample_id])
     embed_pass.add_samples(r, project, [sample_id], settings=settings, flush_now=False)
     return UploadResult(sample_id=sample_id, split=split, created=True, image_url=image_url(project.name, sample_id))
+
+
+def add_pool_images(project: Project, images: list[tuple[bytes, str]], *, store: ObjectStore, r: redis.Redis,
+                    settings: Settings) -> list[str]:
+    """Add unlabeled images [(bytes, name)] to the pool in one sample batch; their sample ids, in order.
+
+    Images the project already has keep their split and are not recorded again. Each image must
+    have passed sniff_image.
+    """
+    ids = [hashlib.sha256(data).hexdigest() for data, _ in images]
+    state = ProjectState(r, project.name)
+    known = dict(zip(ids, state.sample_splits(ids), strict=True))
+    new: dict[str, SampleRecord] = {}
+    for sid, (data, name) in zip(ids, images, strict=True):
+        if known[sid] is None and sid not in new:
+            store.put_if_absent(keys.image_key(sid), data)
+            new[sid] = SampleRecord(id=sid, name=name, split="pool")
+    if new:
+        project = resolve_auto_model(project, list(new), store=store, r=r)
+        _write_sample_batch(store, project.name, list(new.values()))
+        state.add_samples([(sid, "pool", None) for sid in new])
+        _seed_cold_start(state, project, list(new))
+        embed_pass.add_samples(r, project, list(new), settings=settings)
+        cold_start.maybe_enqueue(r, project, settings=settings)
+    return ids
 
 
 def import_dataset(project: Project, request: ImportRequest, *, store: ObjectStore, r: redis.Redis,
@@ -448,7 +473,7 @@ def lease_queries(project: Project, *, n: int, labeler: str, ttl_s: float, r: re
     leased = state.lease(n, token=token, labeler=labeler, ttl_s=ttl_s, now=now)
     # Guesses of ranked samples only: a random fill-in (score None) was not scored by this model.
     ranked = [sid for sid, score in leased if score is not None]
-    guesses = dict(zip(ranked, _guesses(state, project, version, ranked), strict=True))
+    guesses = dict(zip(ranked, model_guesses(state, project, version, ranked), strict=True))
     return QueryOut(model_version=version, lease_token=token, expires_at=now + ttl_s,
                     samples=[QuerySample(sample_id=sid, score=score, image_url=image_url(project.name, sid),
                                          guess=guesses.get(sid))
@@ -463,7 +488,8 @@ def release_leases(project: Project, body: LeaseRelease, *, r: redis.Redis) -> L
     return LeaseReleaseResult(released=released)
 
 
-def _guesses(state: ProjectState, project: Project, version: int | None, sample_ids: list[str]) -> list[Guess | None]:
+def model_guesses(state: ProjectState, project: Project, version: int | None,
+                  sample_ids: list[str]) -> list[Guess | None]:
     """The served ranking's model's guess for each sample; None before the first model or where unscored."""
     if not version or not sample_ids:
         return [None] * len(sample_ids)
@@ -477,13 +503,14 @@ def _guesses(state: ProjectState, project: Project, version: int | None, sample_
 
 
 def submit_labels(project: Project, batch: LabelBatch, *, store: ObjectStore, r: redis.Redis,
-                  settings: Settings, now: float | None = None) -> LabelResult:
+                  settings: Settings, now: float | None = None, honor_leases: bool = True) -> LabelResult:
     """Validate every label, append the new ones to the label log (durable), then update Redis.
 
     All or nothing: one bad item rejects the batch before anything is written. Every labeler has
     one vote per sample: a label equal to the labeler's own vote, or repeated in the batch, is a
     no-op; a different one replaces its vote. The project's label_policy makes the training label
-    of the votes. Returns only once the batch is durable and applied.
+    of the votes. Returns only once the batch is durable and applied. honor_leases=False takes labels
+    made outside alpipe's leases (Label Studio's annotations) even on samples leased to someone.
     """
     now = _log_time(now)
     labeler = batch.labeler or ANONYMOUS_LABELER
@@ -516,7 +543,7 @@ def submit_labels(project: Project, batch: LabelBatch, *, store: ObjectStore, r:
     if bad:
         raise Invalid(f"label {', '.join(bad[:5])} is not a class of project {project.name!r}; "
                       f"allowed: {', '.join(project.classes)}")
-    holders = state.lease_holders(ids, now=now)
+    holders = state.lease_holders(ids, now=now) if honor_leases else [None] * len(ids)
     taken = [(sid, holder[1]) for sid, holder in zip(ids, holders, strict=True)
              if holder is not None and holder[0] != tokens[sid]]
     if taken:
@@ -536,7 +563,7 @@ def submit_labels(project: Project, batch: LabelBatch, *, store: ObjectStore, r:
     batch_id = new_batch_id()
     records = [LabelRecord(sample_id=sid, label=wanted[sid], labeler=labeler, at=now, batch=batch_id)
                for sid in new]
-    store.put_if_absent(keys.label_log_key(project.name, new_stamp(), batch_id), _jsonl(records))
+    store.put_if_absent(keys.label_log_key(project.name, new_stamp(), batch_id), jsonl_bytes(records))
     labeled = state.apply_labels([rec.model_dump() for rec in records])
     trigger_training(r, project, settings=settings)
     return LabelResult(accepted=len(records), duplicates=duplicates, labeled=labeled)
@@ -562,7 +589,7 @@ def retract_label(project: Project, sample_id: str, *, labeler: str, store: Obje
     batch_id = new_batch_id()
     record = LabelRecord(sample_id=sample_id, label=vote["label"], labeler=labeler, at=now, batch=batch_id,
                          retract=True)
-    store.put_if_absent(keys.label_log_key(project.name, new_stamp(), batch_id), _jsonl([record]))
+    store.put_if_absent(keys.label_log_key(project.name, new_stamp(), batch_id), jsonl_bytes([record]))
     token = secrets.token_urlsafe(16)
     live = state.live_version()
     # Back in the cold-start ranking at its old place; a model's ranking gets it at the next scoring.

@@ -472,6 +472,18 @@ class ProjectState:
             out.append((int(index), float(prob)))
         return out
 
+    def ranking_places(self, version: int, sample_ids: list[str]) -> tuple[list[tuple[float, int] | None], int]:
+        """([(score, place from the top) or None where unranked] for each sample, the ranking's size)."""
+        pipe = self.r.pipeline(transaction=False)
+        for sid in sample_ids:
+            pipe.zscore(self.ranking_key(version), sid)
+            pipe.zrevrank(self.ranking_key(version), sid)
+        pipe.zcard(self.ranking_key(version))
+        *found, size = pipe.execute()
+        places = [(float(score), int(place)) if score is not None and place is not None else None
+                  for score, place in zip(found[0::2], found[1::2], strict=True)]
+        return places, int(size)
+
     def shard_done(self, version: int, shard: int, n_shards: int) -> bool:
         """Mark a shard scored; True when this completed the ranking and made it live."""
         made_live = self._shard_done(keys=[self.key("ranking", version, "done"), self.key("ranking_live")],

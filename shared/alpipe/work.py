@@ -186,6 +186,16 @@ def enqueue_job(r: redis.Redis, queue_name: str, func: str, payload: dict, job_i
                               **job_options(settings))
 
 
+def enqueue_unless_pending(r: redis.Redis, queue_name: str, func: str, payload: dict, job_id: str, *,
+                           settings: Settings, description: str) -> str | None:
+    """enqueue_job, unless a job of that id is waiting or running (it does the work): the id, or None."""
+    [(status, _)] = job_states(r, [job_id])
+    if status in _WAITING or status == JobStatus.STARTED.value:
+        return None
+    enqueue_job(r, queue_name, func, payload, job_id, settings=settings, description=description)
+    return job_id
+
+
 @dataclass
 class Unattended:
     """A planned shard that nobody is doing: its last job id and how many attempts it has had."""

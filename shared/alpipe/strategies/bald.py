@@ -28,6 +28,7 @@ class BALD(Strategy):
     """Mutual information from T MC-dropout passes, divided by log(n_classes) so it lies in [0, 1]."""
 
     name = "bald"
+    confidence_scores = True
     needs_mc = True
 
     def score(self, probs, *, rng=None):

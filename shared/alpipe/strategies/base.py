@@ -15,6 +15,9 @@ class Strategy(ABC):
     # How the first labels are chosen, before any model: "typiclust" (alpipe.strategies.typiclust) or
     # "random" (the baseline's own, so that it stays the tutorial's baseline).
     cold_start: str = "typiclust"
+    # True when scores lie in [0, 1] and 1 - score reads as the model's confidence (margin: the gap
+    # between the two best classes); Label Studio then gets that confidence as its prediction score.
+    confidence_scores: bool = False
 
     @abstractmethod
     def score(self, probs: np.ndarray, *, rng: np.random.Generator | None = None) -> np.ndarray:

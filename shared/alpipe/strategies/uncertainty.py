@@ -9,6 +9,7 @@ class LeastConfidence(Strategy):
     """1 - max p, scaled by n/(n-1) so a uniform prediction scores 1."""
 
     name = "least_confidence"
+    confidence_scores = True
 
     def score(self, probs, *, rng=None):
         probs = check_probs(probs)
@@ -20,6 +21,7 @@ class Margin(Strategy):
     """1 - (p_top1 - p_top2): a small gap between the two best classes is informative."""
 
     name = "margin"
+    confidence_scores = True
 
     def score(self, probs, *, rng=None):
         probs = check_probs(probs)
@@ -31,6 +33,7 @@ class Entropy(Strategy):
     """Shannon entropy of the prediction, divided by log(n_classes)."""
 
     name = "entropy"
+    confidence_scores = True
 
     def score(self, probs, *, rng=None):
         probs = check_probs(probs)

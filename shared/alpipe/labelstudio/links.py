@@ -1,0 +1,145 @@
+"""The records of a Label Studio connection: which Label Studio project an alpipe project serves, and
+which Label Studio task is which alpipe sample.
+
+Durable first, as everywhere in alpipe: the link (`projects/<p>/labelstudio/link.json`) and the
+task map (append-only batches `projects/<p>/labelstudio/tasks/*.jsonl`) are objects; Redis holds
+copies for lookups (the hash of links by Label Studio project id, each project's task -> sample
+hash), rebuilt from the objects whenever a lookup misses them (after a Redis wipe, say), so
+nothing here needs a step in `alpipe recover`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import redis
+from pydantic import BaseModel, Field
+
+from .. import keys
+from ..errors import NotFound
+from ..projects import jsonl_bytes, new_batch_id, new_stamp, parse_jsonl, stored_project_names
+from ..storage import ObjectStore
+from .label_config import ImageClassification
+
+
+class LabelStudioLink(BaseModel):
+    """An alpipe project connected to a Label Studio project (written at /setup, updated when its URL or
+    token changes)."""
+
+    project: str = Field(description="the alpipe project")
+    ls_project: int = Field(description="Label Studio's project id")
+    ls_created: str = Field("", description="the creation stamp Label Studio sends after the id ('<id>.<stamp>')")
+    url: str = Field(description="Label Studio's base URL, for images and pushing predictions")
+    token: str = Field("", description="the token alpipe uses in Label Studio (a personal access token, or the "
+                                        "legacy one Label Studio sends in /setup)")
+    data_key: str
+    image_name: str
+    choices_name: str
+    classes: list[str]
+    webhook_secret: str = Field(description="the bearer token Label Studio's webhook calls alpipe with")
+    linked_at: float = 0.0
+
+    @property
+    def config(self) -> ImageClassification:
+        return ImageClassification(data_key=self.data_key, image_name=self.image_name,
+                                   choices_name=self.choices_name, classes=list(self.classes))
+
+
+class MapRecord(BaseModel):
+    """One entry of a durable map: a Label Studio id (task or annotation) -> an alpipe value."""
+
+    id: int
+    value: str
+
+
+# The maps a connection keeps: task -> sample id; annotation -> "<sample id> <labeler>" (Label Studio's
+# ANNOTATIONS_DELETED names only the ids of what was deleted).
+TASKS = "tasks"
+ANNOTATIONS = "annotations"
+
+
+def _map_key(project: str, kind: str) -> str:
+    return keys.redis_key(project, "labelstudio", kind)
+
+
+def _loaded_key(project: str, kind: str) -> str:
+    return keys.redis_key(project, "labelstudio", kind, "loaded")
+
+
+# --- links ----------------------------------------------------------------------------------------
+
+
+def write_link(store: ObjectStore, r: redis.Redis, link: LabelStudioLink) -> None:
+    store.put_bytes(keys.labelstudio_link_key(link.project), link.model_dump_json(indent=1).encode(),
+                    "application/json")
+    r.hset(keys.labelstudio_links_key(), str(link.ls_project), link.project)
+
+
+def read_link(store: ObjectStore, project: str) -> LabelStudioLink | None:
+    try:
+        return LabelStudioLink.model_validate_json(store.get_bytes(keys.labelstudio_link_key(project)))
+    except NotFound:
+        return None
+
+
+def linked_project(store: ObjectStore, r: redis.Redis, ls_project: int) -> LabelStudioLink | None:
+    """The link of a Label Studio project id; Redis first, the stored links when Redis has none."""
+    name = r.hget(keys.labelstudio_links_key(), str(ls_project))
+    if name is not None:
+        link = read_link(store, name.decode())
+        if link is not None and link.ls_project == ls_project:
+            return link
+    for project in stored_project_names(store):
+        link = read_link(store, project)
+        if link is not None:
+            r.hset(keys.labelstudio_links_key(), str(link.ls_project), link.project)
+            if link.ls_project == ls_project:
+                return link
+    return None
+
+
+def is_linked(r: redis.Redis, project: str) -> bool:
+    """Cheap check for hot paths (a ranking going live): is any Label Studio project connected to it?"""
+    return project.encode() in r.hvals(keys.labelstudio_links_key())
+
+
+# --- the maps -------------------------------------------------------------------------------------
+
+
+def _load(store: ObjectStore, r: redis.Redis, project: str, kind: str) -> None:
+    """Copy a stored map into Redis (once per Redis lifetime, or again after a wipe)."""
+    if r.exists(_loaded_key(project, kind)):
+        return
+    mapping: dict[str, str] = {}
+    for key in store.list(keys.labelstudio_map_prefix(project, kind)):
+        if key.endswith(".jsonl"):
+            mapping.update({str(rec.id): rec.value for rec in parse_jsonl(store.get_bytes(key), MapRecord)})
+    pipe = r.pipeline()
+    if mapping:
+        pipe.hset(_map_key(project, kind), mapping=mapping)
+    pipe.set(_loaded_key(project, kind), 1)
+    pipe.execute()
+
+
+def lookup(store: ObjectStore, r: redis.Redis, project: str, kind: str, ids: list[int]) -> list[str | None]:
+    """The value of each id (None where the map has none)."""
+    if not ids:
+        return []
+    _load(store, r, project, kind)
+    return [v.decode() if v is not None else None for v in r.hmget(_map_key(project, kind), [str(i) for i in ids])]
+
+
+def entries(store: ObjectStore, r: redis.Redis, project: str, kind: str) -> dict[int, str]:
+    """The whole map."""
+    _load(store, r, project, kind)
+    return {int(i): v.decode() for i, v in r.hscan_iter(_map_key(project, kind), count=5000)}
+
+
+def remember(store: ObjectStore, r: redis.Redis, project: str, kind: str, pairs: Iterable[tuple[int, str]]) -> None:
+    """Add entries: the batch object first, then Redis."""
+    records = [MapRecord(id=i, value=v) for i, v in pairs]
+    if not records:
+        return
+    _load(store, r, project, kind)
+    store.put_if_absent(keys.labelstudio_map_key(project, kind, new_stamp(), new_batch_id()), jsonl_bytes(records))
+    r.hset(_map_key(project, kind), mapping={str(rec.id): rec.value for rec in records})
