@@ -258,6 +258,18 @@ def test_annotations_become_votes_of_the_label_studio_user(client: TestClient) -
     assert counts(client)["labeled"] == 0 and counts(client)["pool"] == 1
 
 
+def test_bulk_created_annotations_are_votes(client: TestClient) -> None:
+    """ANNOTATIONS_CREATED (Label Studio's bulk action) sends lists under the keys `annotation` and `task`."""
+    client.post("/labelstudio/setup", json=setup_body())
+    one = annotation_event("ANNOTATION_CREATED", 71, 1, "cat")
+    two = annotation_event("ANNOTATION_CREATED", 72, 2, "dog")
+    bulk = {"action": "ANNOTATIONS_CREATED", "project": one["project"], "annotation": [one["annotation"],
+            two["annotation"]], "task": [one["task"], two["task"]]}
+    answer = client.post("/labelstudio/webhook", json=bulk)
+    assert answer.status_code == 200 and answer.json() == {"status": "applied", "labeled": 2}
+    assert counts(client)["labeled"] == 2
+
+
 def test_a_skipped_annotation_is_not_a_label(client: TestClient) -> None:
     client.post("/labelstudio/setup", json=setup_body())
     skipped = client.post("/labelstudio/webhook", json=annotation_event("ANNOTATION_CREATED", 21, 2, None,
@@ -331,4 +343,4 @@ def test_with_authentication_label_studio_uses_basic_auth_and_the_webhook_secret
     accepted = client.post("/labelstudio/webhook", json=event, headers={"Authorization": f"Bearer {secret}"})
     assert accepted.status_code == 200, accepted.text
     # Events alpipe ignores need no secret (Label Studio sends every action to the model's webhook).
-    assert client.post("/labelstudio/webhook", json={"action": "TASKS_CREATED"}).status_code == 200
+    assert client.post("/labelstudio/webhook", json={"action": "PROJECT_UPDATED"}).status_code == 200

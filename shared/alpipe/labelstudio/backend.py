@@ -43,8 +43,10 @@ log = logging.getLogger(__name__)
 
 ANNOTATOR_PREFIX = "labelstudio:"
 ANNOTATION_CREATED, ANNOTATION_UPDATED = "ANNOTATION_CREATED", "ANNOTATION_UPDATED"
-ANNOTATIONS_DELETED, START_TRAINING = "ANNOTATIONS_DELETED", "START_TRAINING"
-HANDLED_ACTIONS = (ANNOTATION_CREATED, ANNOTATION_UPDATED, ANNOTATIONS_DELETED, START_TRAINING)
+ANNOTATIONS_CREATED, ANNOTATIONS_DELETED = "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED"
+START_TRAINING, TASKS_CREATED = "START_TRAINING", "TASKS_CREATED"
+HANDLED_ACTIONS = (ANNOTATION_CREATED, ANNOTATION_UPDATED, ANNOTATIONS_CREATED, ANNOTATIONS_DELETED, START_TRAINING,
+                   TASKS_CREATED)
 # extra_params keys that configure the connection rather than the alpipe project.
 _CONNECTION_PARAMS = ("alpipe_project", "label_studio_url", "label_studio_token")
 
@@ -73,9 +75,10 @@ class WebhookEvent(BaseModel):
 
     action: str
     project: dict[str, Any] | None = None
-    annotation: dict[str, Any] | None = None
-    annotations: list[dict[str, Any]] | None = None
-    task: dict[str, Any] | None = None
+    # One annotation and its task; ANNOTATIONS_CREATED (bulk) sends lists under the same keys.
+    annotation: dict[str, Any] | list[dict[str, Any]] | None = None
+    annotations: list[dict[str, Any]] | None = Field(None, description="ANNOTATIONS_DELETED: [{id}, ...]")
+    task: dict[str, Any] | list[dict[str, Any]] | None = None
 
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -304,40 +307,44 @@ def _withdraw(project: Project, sample_id: str, labeler: str, *, store: ObjectSt
         return False  # no vote of that user on it: nothing to withdraw
 
 
-def _annotation(project: Project, link: LabelStudioLink, event: WebhookEvent, *, store: ObjectStore,
-                r: redis.Redis, settings: Settings) -> dict:
-    annotation = event.annotation
+def apply_annotation(project: Project, link: LabelStudioLink, annotation: dict | None, task: dict | None, *,
+                     store: ObjectStore, r: redis.Redis, settings: Settings) -> dict:
+    """One Label Studio annotation as the vote of its user (idempotent: applying it again changes nothing)."""
     if not isinstance(annotation, dict) or not isinstance(annotation.get("id"), int):
-        raise Invalid(f"{event.action} needs the annotation ({{id, result, completed_by, task}}); "
+        raise Invalid("an annotation event needs the annotation ({id, result, completed_by, task}); "
                       "register the webhook with send_payload on")
-    task = event.task if isinstance(event.task, dict) and "id" in event.task else {"id": annotation.get("task")}
+    task = task if isinstance(task, dict) and "id" in task else {"id": annotation.get("task")}
     labeler = ANNOTATOR_PREFIX + _user_id(annotation.get("completed_by"))
     cancelled = bool(annotation.get("was_cancelled"))
     label = None if cancelled else link.config.label_of(annotation.get("result") or [])
     [sample_id] = ensure_samples(project, link, [task], store=store, r=r, settings=settings)
     # Remembered before the vote: a later ANNOTATIONS_DELETED names only the annotation's id.
-    links.remember(store, r, project.name, ANNOTATIONS, [(annotation["id"], f"{sample_id} {labeler}")])
+    entry = f"{sample_id} {labeler}"
+    if links.lookup(store, r, project.name, ANNOTATIONS, [annotation["id"]]) != [entry]:
+        links.remember(store, r, project.name, ANNOTATIONS, [(annotation["id"], entry)])
     if label is None:
         withdrawn = _withdraw(project, sample_id, labeler, store=store, r=r)
         return {"status": "skipped" if cancelled else "no choice", "sample_id": sample_id, "withdrawn": withdrawn}
     batch = LabelBatch(labeler=labeler, labels=[LabelIn(sample_id=sample_id, label=label)])
     result = projects.submit_labels(project, batch, store=store, r=r, settings=settings, honor_leases=False)
-    return {"status": "labeled", "sample_id": sample_id, "label": label, "labeler": labeler,
+    return {"status": "labeled", "sample_id": sample_id, "label": label, "labeler": labeler, "vote": entry,
             "accepted": result.accepted, "labeled": result.labeled}
 
 
-def _deleted(project: Project, event: WebhookEvent, *, store: ObjectStore, r: redis.Redis) -> dict:
-    ids = [a.get("id") for a in event.annotations or [] if isinstance(a, dict)]
-    if not ids or not all(isinstance(i, int) for i in ids):
-        raise Invalid("ANNOTATIONS_DELETED needs annotations: [{id}, ...]")
+def withdraw_annotations(project: Project, ids: list[int], *, store: ObjectStore, r: redis.Redis,
+                         keep: set[str] = frozenset()) -> dict:
+    """The votes of deleted annotations, withdrawn; `keep`: "<sample> <labeler>" votes that another
+    annotation still makes."""
     withdrawn = unknown = 0
     for value in links.lookup(store, r, project.name, ANNOTATIONS, ids):
         if value is None:
             unknown += 1  # never seen by alpipe (made before it was connected, or skipped)
             continue
+        if value in keep:
+            continue
         sample_id, _, labeler = value.partition(" ")
         withdrawn += _withdraw(project, sample_id, labeler, store=store, r=r)
-    return {"status": "deleted", "withdrawn": withdrawn, "unknown": unknown}
+    return {"withdrawn": withdrawn, "unknown": unknown}
 
 
 def webhook(event: WebhookEvent, *, store: ObjectStore, r: redis.Redis, settings: Settings) -> dict:
@@ -347,11 +354,26 @@ def webhook(event: WebhookEvent, *, store: ObjectStore, r: redis.Redis, settings
     link = webhook_link(event, store=store, r=r)
     project = load_or_recover(r, store, link.project, settings=settings)
     if event.action == START_TRAINING:
+        # Label Studio drops a webhook call that fails: catching up with its annotations is part of training.
+        sync.enqueue_sync(r, project.name, settings=settings)
         result = projects.request_training(r, project, settings=settings)
         return {"status": "queued" if result.job_id else "not queued", **result.model_dump()}
+    if event.action == TASKS_CREATED:
+        return {"status": "syncing", "job_id": sync.enqueue_sync(r, project.name, settings=settings)}
     if event.action == ANNOTATIONS_DELETED:
-        return _deleted(project, event, store=store, r=r)
-    return _annotation(project, link, event, store=store, r=r, settings=settings)
+        ids = [a.get("id") for a in event.annotations or [] if isinstance(a, dict)]
+        if not ids or not all(isinstance(i, int) for i in ids):
+            raise Invalid("ANNOTATIONS_DELETED needs annotations: [{id}, ...]")
+        return {"status": "deleted", **withdraw_annotations(project, ids, store=store, r=r)}
+    if event.action == ANNOTATIONS_CREATED:
+        items = event.annotation if isinstance(event.annotation, list) else [event.annotation]
+        tasks = {t.get("id"): t for t in (event.task if isinstance(event.task, list) else [event.task]) if t}
+        applied = [apply_annotation(project, link, a, tasks.get(a.get("task")) if isinstance(a, dict) else None,
+                                    store=store, r=r, settings=settings) for a in items]
+        return {"status": "applied", "labeled": sum(a["status"] == "labeled" for a in applied)}
+    if isinstance(event.annotation, list) or isinstance(event.task, list):
+        raise Invalid(f"{event.action} carries one annotation and its task, not lists")
+    return apply_annotation(project, link, event.annotation, event.task, store=store, r=r, settings=settings)
 
 
 def webhook_link(event: WebhookEvent, *, store: ObjectStore, r: redis.Redis) -> LabelStudioLink:

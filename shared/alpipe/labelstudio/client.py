@@ -113,6 +113,10 @@ class LabelStudioClient:
     def task(self, task_id: int) -> dict:
         return self.request("GET", f"/api/tasks/{task_id}/").json()
 
+    def annotations(self, task_id: int) -> list[dict]:
+        """The task's annotations (skipped ones too), oldest first."""
+        return self.request("GET", f"/api/tasks/{task_id}/annotations/").json()
+
     def image(self, task_id: int, url: str) -> bytes:
         """The bytes behind a task's image URL: Label Studio's own files, any http(s) URL, a data: URI, or a
         cloud-storage URI (s3://, gs://...) that Label Studio resolves for its own storage."""

@@ -18,6 +18,8 @@ from ..projects import Invalid
 
 # Tags that only arrange or decorate the interface (and plain text shown beside the image).
 _LAYOUT_TAGS = {"View", "Header", "Style", "Collapse", "Panel", "Filter", "Text", "HyperText", "Paragraphs"}
+# Options of a control tag: they count with their parent (<Choices>, or a refused <Labels>).
+_OPTION_TAGS = {"Choice", "Label"}
 _SINGLE_CHOICE = {None, "single", "single-radio"}
 
 
@@ -70,7 +72,7 @@ def parse_label_config(xml: str) -> ImageClassification:
             images.append(element)
         elif element.tag == "Choices":
             choice_sets.append(element)
-        elif element.tag not in _LAYOUT_TAGS and element.tag != "Choice":
+        elif element.tag not in _LAYOUT_TAGS and element.tag not in _OPTION_TAGS:
             others.append(element)
     if others:
         shown = ", ".join(f"<{e.tag}{' name=' + repr(e.get('name')) if e.get('name') else ''}>" for e in others[:3])

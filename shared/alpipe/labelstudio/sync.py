@@ -17,13 +17,15 @@ import redis
 
 from .. import keys
 from ..config import Settings
+from ..errors import UserError
 from ..recovery import load_or_recover
+from ..schemas import Project
 from ..state import ProjectState
 from ..storage import ObjectStore
 from ..work import enqueue_unless_pending
 from . import links
 from .client import LabelStudioClient
-from .links import TASKS
+from .links import ANNOTATIONS, TASKS
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +94,42 @@ def sync_project(project_name: str, *, r: redis.Redis, store: ObjectStore, setti
         if failed:
             log.warning("%s: %d Label Studio tasks have no usable image, e.g. %s", project_name, len(failed),
                         next(iter(failed.items())))
+        caught_up = catch_up_annotations(project, link, tasks, client=client, store=store, r=r, settings=settings)
         pushed = push_predictions(project_name, r=r, store=store, settings=settings, client=client,
                                   tasks=[t["id"] for t in new if t["id"] not in failed])
     return {"project": project_name, "tasks": len(tasks), "ingested": len(new) - len(failed),
-            "failed": len(failed), "webhooks_secured": secured, "pushed": pushed}
+            "failed": len(failed), "webhooks_secured": secured, "annotations": caught_up, "pushed": pushed}
+
+
+def catch_up_annotations(project: Project, link: links.LabelStudioLink, tasks: list[dict], *,
+                         client: LabelStudioClient, store: ObjectStore, r: redis.Redis, settings: Settings) -> dict:
+    """Every annotation Label Studio has, as votes; the votes of annotations it no longer has, withdrawn.
+
+    Label Studio sends each webhook once and drops it when the call fails (alpipe restarting, a
+    one-second timeout), so the sync job reconciles from Label Studio's own records. Idempotent: a
+    vote already there is a no-op. Nothing is withdrawn unless every task's annotations were read.
+    """
+    from .backend import apply_annotation, withdraw_annotations
+
+    present: set[int] = set()
+    voting: set[str] = set()  # "<sample> <labeler>" of the votes present annotations make
+    labeled = refused = 0
+    for task in tasks:
+        if task.get("total_annotations", 1) == 0 and task.get("cancelled_annotations", 1) == 0:
+            continue
+        for annotation in client.annotations(task["id"]):
+            present.add(annotation["id"])
+            try:
+                result = apply_annotation(project, link, annotation, task, store=store, r=r, settings=settings)
+                if result["status"] == "labeled":
+                    voting.add(result["vote"])
+                    labeled += result["accepted"]
+            except UserError as e:
+                refused += 1
+                log.warning("%s: Label Studio annotation %s not taken: %s", project.name, annotation["id"], e)
+    gone = [i for i in links.entries(store, r, project.name, ANNOTATIONS) if i not in present]
+    withdrawn = withdraw_annotations(project, gone, store=store, r=r, keep=voting)["withdrawn"] if gone else 0
+    return {"new_votes": labeled, "refused": refused, "withdrawn": withdrawn}
 
 
 def _pushed_key(project: str) -> str:
@@ -132,7 +166,7 @@ def push_predictions(project_name: str, *, r: redis.Redis, store: ObjectStore, s
     client = client or LabelStudioClient(link.url, link.token)
     try:
         created = client.import_predictions(link.ls_project, predictions) if predictions else 0
-        if every:
+        if every and predictions:  # Label Studio refuses a model_version no prediction has
             client.set_model_version(link.ls_project, label)
     finally:
         if own_client:
