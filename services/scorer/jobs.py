@@ -68,7 +68,7 @@ def score_shard(payload: dict) -> dict:
                                  job_id=current.id if current is not None else None,
                                  delay_s=ctx.settings.test_score_delay_s)
     if result["made_live"]:
-        labelstudio_sync.enqueue_push(ctx.redis, job.project, settings=ctx.settings)
+        labelstudio_sync.enqueue_push(ctx.store, ctx.redis, job.project, settings=ctx.settings)
     return result
 
 
@@ -87,7 +87,7 @@ def cold_start(payload: dict) -> dict:
     project = load_project(ctx.store, payload["project"])
     result = scoring.order_cold_start(project, r=ctx.redis, store=ctx.store, tensors=ctx.tensors,
                                       embeddings=ctx.embeddings)
-    labelstudio_sync.enqueue_push(ctx.redis, project.name, settings=ctx.settings)
+    labelstudio_sync.enqueue_push(ctx.store, ctx.redis, project.name, settings=ctx.settings)
     return result
 
 

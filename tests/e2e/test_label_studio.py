@@ -17,6 +17,7 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,13 +69,9 @@ def _personal_access_token(url: str) -> str:
         return created.json()["token"]
 
 
-@pytest.fixture(scope="module")
-def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudio]:
-    if not LABEL_STUDIO.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"Label Studio is not installed at {LABEL_STUDIO}: `make labelstudio` installs it")
-        pytest.skip(f"Label Studio is not installed at {LABEL_STUDIO} (`make labelstudio`)")
-    data = tmp_path_factory.mktemp("label-studio")
+@contextmanager
+def running_label_studio(data: Path) -> Iterator[LabelStudio]:
+    """Label Studio on a free loopback port with sqlite under `data`, and a personal access token."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = data / "label-studio.log"
@@ -94,6 +91,36 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudio]:
+    if not LABEL_STUDIO.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"Label Studio is not installed at {LABEL_STUDIO}: `make labelstudio` installs it")
+        pytest.skip(f"Label Studio is not installed at {LABEL_STUDIO} (`make labelstudio`)")
+    with running_label_studio(tmp_path_factory.mktemp("label-studio")) as running:
+        yield running
+
+
+def connect_project(ls: httpx.Client, api_url: str, images: list[tuple[str, bytes, str]], *,
+                    extra_params: dict) -> tuple[int, int]:
+    """A Label Studio project of these image files, in uncertainty sampling, with alpipe (admin token ADMIN)
+    connected as its model, as a person does it in the UI: (project id, model id)."""
+    project = ls.post("/api/projects/", json={"title": "digits", "label_config": CONFIG,
+                                              "sampling": "Uncertainty sampling"})
+    assert project.status_code == 201, project.text
+    pid = project.json()["id"]
+    # One form field per file: parts that share a name make one task.
+    files = [(f"file{i}", (name, data, "image/png")) for i, (name, data, _) in enumerate(images)]
+    imported = ls.post(f"/api/projects/{pid}/import", files=files)
+    assert imported.status_code == 201, imported.text
+    connected = ls.post("/api/ml/", json={
+        "url": f"{api_url}/labelstudio", "project": pid, "title": "alpipe",
+        "auth_method": "BASIC_AUTH", "basic_auth_user": "labelstudio", "basic_auth_pass": ADMIN,
+        "extra_params": extra_params})
+    assert connected.status_code == 201, connected.text
+    return pid, connected.json()["id"]
 
 
 def eventually(check, *, timeout: float, what: str, log: Path | None = None) -> None:
@@ -132,19 +159,8 @@ def test_label_studio_drives_alpipe(label_studio: LabelStudio, tmp_path: Path) -
         store = LocalStore(stack.data_dir / "store")
         admin = {"Authorization": f"Bearer {ADMIN}"}
 
-        # A Label Studio project of image files, in uncertainty-sampling mode, with alpipe as its model.
-        project = ls.post("/api/projects/", json={"title": "digits", "label_config": CONFIG,
-                                                  "sampling": "Uncertainty sampling"})
-        assert project.status_code == 201, project.text
-        pid = project.json()["id"]
-        imported = ls.post(f"/api/projects/{pid}/import",
-                           files=[(f"file{i}", (name, data, "image/png")) for i, (name, data, _) in enumerate(images)])
-        assert imported.status_code == 201, imported.text
-        connected = ls.post("/api/ml/", json={
-            "url": f"{stack.api_url}/labelstudio", "project": pid, "title": "alpipe",
-            "auth_method": "BASIC_AUTH", "basic_auth_user": "labelstudio", "basic_auth_pass": ADMIN,
-            "extra_params": {"query_size": 6, "model": "small_cnn", "training": {"stop": "epochs:4"}}})
-        assert connected.status_code == 201, connected.text
+        pid, ml_backend = connect_project(ls, stack.api_url, images, extra_params={
+            "query_size": 6, "model": "small_cnn", "training": {"stop": "epochs:4"}})
         name = f"label-studio-{pid}"
 
         def alpipe_project() -> dict:

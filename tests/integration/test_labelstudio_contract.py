@@ -189,6 +189,23 @@ def test_predict_ingests_new_tasks_and_answers_one_result_per_task(client: TestC
     assert counts(client)["pool"] == 5
 
 
+def test_predict_leaves_many_new_tasks_to_the_sync_job(client: TestClient, redis_client, monkeypatch) -> None:
+    """"Retrieve predictions" over a big new project must not fetch every image inside one request."""
+    from alpipe.labelstudio import backend
+    from alpipe.work import job_states
+
+    monkeypatch.setattr(backend, "INLINE_INGEST", 2)
+    client.post("/labelstudio/setup", json=setup_body())
+    redis_client.delete("rq:job:labelstudio-sync-label-studio-7")  # the one /setup queued has not run
+    answer = client.post("/labelstudio/predict", json=predict_body([task(i) for i in range(1, 4)]))
+    assert answer.status_code == 200, answer.text
+    assert [(r["result"], r["score"]) for r in answer.json()["results"]] == [([], 1.0)] * 3
+    assert counts(client)["pool"] == 0
+    assert job_states(redis_client, ["labelstudio-sync-label-studio-7"])[0][0] == "queued"
+    few = client.post("/labelstudio/predict", json=predict_body([task(1), task(2)]))
+    assert len(few.json()["results"]) == 2 and counts(client)["pool"] == 2
+
+
 @pytest.mark.parametrize("tasks, status, says", [
     ([task(1), {"id": 2, "data": {"text": "no image"}}], 422, "task 2 has no image in data.image"),
     ([task(1), task(2, image="data:image/png;base64," + base64.b64encode(b"plain text").decode())], 415,

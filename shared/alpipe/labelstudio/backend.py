@@ -47,6 +47,8 @@ ANNOTATIONS_CREATED, ANNOTATIONS_DELETED = "ANNOTATIONS_CREATED", "ANNOTATIONS_D
 START_TRAINING, TASKS_CREATED = "START_TRAINING", "TASKS_CREATED"
 HANDLED_ACTIONS = (ANNOTATION_CREATED, ANNOTATION_UPDATED, ANNOTATIONS_CREATED, ANNOTATIONS_DELETED, START_TRAINING,
                    TASKS_CREATED)
+# New tasks a /predict call ingests itself (fetching each image from Label Studio); more go to the sync job.
+INLINE_INGEST = 100
 # extra_params keys that configure the connection rather than the alpipe project.
 _CONNECTION_PARAMS = ("alpipe_project", "label_studio_url", "label_studio_token")
 
@@ -286,14 +288,27 @@ def predictions_for(project: Project, link: LabelStudioLink, sample_ids: list[st
 
 
 def predict(body: PredictRequest, *, store: ObjectStore, r: redis.Redis, settings: Settings) -> dict:
+    """One result per task, in order. Up to INLINE_INGEST new tasks are ingested in the request; more (a
+    "Retrieve predictions" over a new project) go to the sync job, and get an empty result and score 1
+    until alpipe pushes theirs."""
     if not body.tasks:
         return {"results": []}
     uid = body.project if body.project else body.tasks[0].get("project")
     link = _link_of(store, r, parse_project_uid(uid)[0])
     project = load_or_recover(r, store, link.project, settings=settings)
-    sample_ids = ensure_samples(project, link, body.tasks, store=store, r=r, settings=settings)
-    label, rows = predictions_for(project, link, sample_ids, r=r)
-    return {"results": [{**row, "model_version": label} for row in rows], "model_version": label}
+    ids = [_task_id(t) for t in body.tasks]
+    known = links.lookup(store, r, project.name, TASKS, ids)
+    if sum(s is None for s in known) > INLINE_INGEST:
+        sync.enqueue_sync(r, project.name, settings=settings)
+        tasks = [t for t, s in zip(body.tasks, known, strict=True) if s is not None]
+    else:
+        tasks = body.tasks
+    sample_ids = dict(zip([_task_id(t) for t in tasks],
+                          ensure_samples(project, link, tasks, store=store, r=r, settings=settings), strict=True))
+    label, rows = predictions_for(project, link, list(sample_ids.values()), r=r)
+    by_task = dict(zip(sample_ids, rows, strict=True))
+    results = [by_task.get(i, {"result": [], "score": 1.0}) for i in ids]
+    return {"results": [{**row, "model_version": label} for row in results], "model_version": label}
 
 
 # --- webhook ----------------------------------------------------------------------------------------

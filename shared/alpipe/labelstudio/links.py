@@ -98,9 +98,14 @@ def linked_project(store: ObjectStore, r: redis.Redis, ls_project: int) -> Label
     return None
 
 
-def is_linked(r: redis.Redis, project: str) -> bool:
-    """Cheap check for hot paths (a ranking going live): is any Label Studio project connected to it?"""
-    return project.encode() in r.hvals(keys.labelstudio_links_key())
+def is_linked(store: ObjectStore, r: redis.Redis, project: str) -> bool:
+    """Is a Label Studio project connected to this one? (Redis first; the stored link after a Redis wipe.)"""
+    if project.encode() in r.hvals(keys.labelstudio_links_key()):
+        return True
+    link = read_link(store, project)
+    if link is not None:
+        r.hset(keys.labelstudio_links_key(), str(link.ls_project), link.project)
+    return link is not None
 
 
 # --- the maps -------------------------------------------------------------------------------------

@@ -40,9 +40,9 @@ def enqueue_sync(r: redis.Redis, project: str, *, settings: Settings) -> str | N
                                   settings=settings, description=f"{project}: ingest Label Studio's tasks")
 
 
-def enqueue_push(r: redis.Redis, project: str, *, settings: Settings) -> str | None:
+def enqueue_push(store: ObjectStore, r: redis.Redis, project: str, *, settings: Settings) -> str | None:
     """Queue pushing the live ranking's predictions when the project is connected to Label Studio."""
-    if not links.is_linked(r, project):
+    if not links.is_linked(store, r, project):
         return None
     from .backend import model_version_label
 
@@ -166,7 +166,8 @@ def push_predictions(project_name: str, *, r: redis.Redis, store: ObjectStore, s
     client = client or LabelStudioClient(link.url, link.token)
     try:
         created = client.import_predictions(link.ls_project, predictions) if predictions else 0
-        if every and predictions:  # Label Studio refuses a model_version no prediction has
+        # Label Studio refuses a model_version no prediction has; and a newer ranking's push sets its own.
+        if every and predictions and model_version_label(state) == label:
             client.set_model_version(link.ls_project, label)
     finally:
         if own_client:
