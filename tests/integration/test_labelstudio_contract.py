@@ -138,6 +138,17 @@ def test_setup_takes_the_project_name_and_fields_from_extra_params(client: TestC
     assert (config["query_size"], config["strategy"]) == (5, "margin")
 
 
+def test_setup_can_move_a_connection_to_another_alpipe_project(client: TestClient, local: ObjectStore) -> None:
+    from alpipe.labelstudio.links import read_link
+
+    client.post("/labelstudio/setup", json=setup_body())
+    moved = client.post("/labelstudio/setup", json=setup_body(alpipe_project="pets-2"))
+    assert moved.status_code == 200, moved.text
+    assert read_link(local, "label-studio-7") is None and read_link(local, "pets-2").ls_project == 7
+    client.post("/labelstudio/webhook", json=annotation_event("ANNOTATION_CREATED", 81, 1, "cat"))
+    assert counts(client, "pets-2")["labeled"] == 1 and counts(client)["labeled"] == 0
+
+
 @pytest.mark.parametrize("body, status, says", [
     (setup_body(config="<View><Image name='i' value='$i'/></View>"), 422, "<Choices>"),
     (setup_body(query_size=0), 422, "query_size"),
@@ -361,3 +372,22 @@ def test_with_authentication_label_studio_uses_basic_auth_and_the_webhook_secret
     assert accepted.status_code == 200, accepted.text
     # Events alpipe ignores need no secret (Label Studio sends every action to the model's webhook).
     assert client.post("/labelstudio/webhook", json={"action": "PROJECT_UPDATED"}).status_code == 200
+
+
+# --- durability -------------------------------------------------------------------------------------
+
+
+def test_the_connection_outlives_a_redis_wipe(client: TestClient, redis_client) -> None:
+    """Link, task map and annotation map are objects first: after FLUSHALL (and the project's rebuild)
+    a webhook still finds its project, its task's sample, and what a deleted annotation had voted."""
+    client.post("/labelstudio/setup", json=setup_body())
+    client.post("/labelstudio/predict", json=predict_body([task(1), task(2)]))
+    client.post("/labelstudio/webhook", json=annotation_event("ANNOTATION_CREATED", 91, 1, "cat"))
+    redis_client.flushall()
+    assert counts(client) == {"pool": 1, "labeled": 1, "leased": 0, "test": 0}  # rebuilt from the objects
+    again = client.post("/labelstudio/predict", json=predict_body([task(1), task(2)]))
+    assert again.status_code == 200 and counts(client)["pool"] == 1  # no image ingested twice
+    deleted = client.post("/labelstudio/webhook", json={"action": "ANNOTATIONS_DELETED", "project": {"id": 7},
+                                                         "annotations": [{"id": 91}]})
+    assert deleted.json() == {"status": "deleted", "withdrawn": 1, "unknown": 0}
+    assert counts(client)["labeled"] == 0
