@@ -1,5 +1,5 @@
-"""The README's pictures of Label Studio with alpipe as its model: docs/label-studio-tasks.png (the task
-list with alpipe's prediction scores) and docs/label-studio-labeling.png (a task with alpipe's guess).
+"""The README's picture of Label Studio with alpipe as its model: docs/label-studio-labeling.png, the task
+Label Studio serves next (alpipe's top-ranked image) with alpipe's guess and its prediction per model version.
 
 Run from the repository root, after `make setup labelstudio`, where Debian's Chromium is installed:
     .venv/bin/python docs/label_studio_screenshots.py
@@ -67,10 +67,6 @@ def shoot(url: str, pid: int, task_id: int) -> None:
         page.fill("input[name=password]", PASSWORD)
         page.click("button[type=submit]")
         page.wait_for_load_state("networkidle")
-        page.goto(f"{url}/projects/{pid}/data")
-        page.wait_for_load_state("networkidle")
-        page.wait_for_timeout(3000)
-        page.screenshot(path=str(REPO / "docs" / "label-studio-tasks.png"))
         page.goto(f"{url}/projects/{pid}/data?task={task_id}")
         page.wait_for_load_state("networkidle")
         page.wait_for_timeout(4000)
