@@ -77,7 +77,8 @@ def get_store(request: Request) -> ObjectStore:
     try:
         return get_clients(request).store()
     except Exception as e:  # bucket check or creation failed: the store is unreachable or refuses us
-        raise HTTPException(503, f"object storage is unavailable: {e.__class__.__name__}: {e}") from None
+        raise HTTPException(503, f"object storage is unavailable: {e.__class__.__name__}: {e}",
+                            headers={"Retry-After": "2"}) from None
 
 
 def get_metrics(request: Request) -> ApiMetrics:

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 
 from alpipe.access import Forbidden, auth_enabled, check_access_config
 from alpipe.config import Settings, get_settings
-from alpipe.errors import NotFound, UserError
+from alpipe.errors import NotFound, StoreUnavailable, UserError
 from alpipe.labelstudio.client import LabelStudioError, LabelStudioNotFound
 from alpipe.projects import Busy, Conflict, Invalid, NotAnImage, TooLarge
 from alpipe.recovery import recover_all
@@ -32,7 +32,8 @@ log = logging.getLogger("alpipe.api")
 # Most specific first: the first class in an error's MRO that is listed here gives its status.
 _STATUS: dict[type[UserError], int] = {
     LabelStudioNotFound: 404, LabelStudioError: 502,
-    NotFound: 404, Forbidden: 403, Invalid: 422, Conflict: 409, TooLarge: 413, NotAnImage: 415, Busy: 503,
+    StoreUnavailable: 503, NotFound: 404, Forbidden: 403, Invalid: 422, Conflict: 409, TooLarge: 413,
+    NotAnImage: 415, Busy: 503,
     UserError: 400,
 }
 

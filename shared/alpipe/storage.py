@@ -4,19 +4,41 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .config import Settings
-from .errors import NotFound
+from .errors import NotFound, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 
 class ObjectStore(ABC):
-    """Keys are '/'-separated strings; values are bytes. Writes of one key are atomic."""
+    """Keys are '/'-separated strings; values are bytes. Writes of one key are atomic.
+
+    A backend that cannot be reached raises StoreUnavailable (never an empty answer), and logs one
+    line when an outage starts and one when the store answers again.
+    """
+
+    _down: str | None = None  # why the store is unavailable, while it is
+
+    def _unavailable(self, cause: BaseException) -> StoreUnavailable:
+        why = f"{cause.__class__.__name__}: {cause}"
+        if self._down is None:
+            log.warning("object storage (%s) is unavailable: %s", self.describe(), why)
+        self._down = why
+        return StoreUnavailable(f"object storage ({self.describe()}) is unavailable: {why}; retry shortly")
+
+    def _answered(self) -> None:
+        if self._down is not None:
+            self._down = None
+            log.warning("object storage (%s) is available again", self.describe())
 
     @abstractmethod
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
@@ -70,7 +92,12 @@ class ObjectStore(ABC):
 
 
 class LocalStore(ObjectStore):
-    """Objects as files under a root directory; atomic by write-to-temp then rename."""
+    """Objects as files under a root directory; atomic by write-to-temp then rename.
+
+    The root is made once, at construction. A root that disappears later (an unmounted volume, a
+    moved directory) makes the store unavailable: it is not made again, so nothing is written to an
+    empty stand-in, and a missing object is told from a missing store.
+    """
 
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
@@ -81,72 +108,105 @@ class LocalStore(ObjectStore):
             raise ValueError(f"invalid object key {key!r}")
         return self.root / key
 
-    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    @contextmanager
+    def _io(self, key: str | None = None) -> Iterator[None]:
+        """OS errors as StoreUnavailable; FileNotFoundError as NotFound(key) while the root is there."""
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            yield
+        except FileNotFoundError as e:
+            if key is None or not self.root.is_dir():
+                cause = e if self.root.is_dir() else FileNotFoundError(f"{self.root} is gone")
+                raise self._unavailable(cause) from None
+            raise NotFound(f"object {key!r} not found in {self.describe()}") from None
+        except OSError as e:
+            raise self._unavailable(e) from None
+        self._answered()
+
+    def _parent(self, key: str) -> Path:
+        """The key's directory, made below the root (never the root itself)."""
+        path = self._path(key)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root} is gone")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        with self._io():
+            path = self._parent(key)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            # link() fails when the target exists: an atomic create-if-absent of a complete file.
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with self._io():
+            path = self._parent(key)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                # link() fails when the target exists: an atomic create-if-absent of a complete file.
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                Path(tmp).unlink(missing_ok=True)
 
     def get_bytes(self, key: str) -> bytes:
-        try:
+        with self._io(key):
             return self._path(key).read_bytes()
-        except FileNotFoundError:
-            raise NotFound(f"object {key!r} not found in {self.describe()}") from None
 
     def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        try:
+        with self._io(key):
             f = self._path(key).open("rb")
-        except FileNotFoundError:
-            raise NotFound(f"object {key!r} not found in {self.describe()}") from None
 
         def chunks() -> Iterator[bytes]:
-            with f:
+            with f, self._io(key):
                 while chunk := f.read(chunk_size):
                     yield chunk
 
         return chunks()
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        with self._io():
+            if not self.root.is_dir():
+                raise FileNotFoundError(f"{self.root} is gone")
+            return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        def fail(e: OSError) -> None:
+            raise e  # os.walk ignores errors by default: a store it cannot read would list as empty
+
         keys = []
-        for dirpath, _dirs, files in os.walk(self.root):
-            for name in files:
-                if name.startswith(".tmp-"):
-                    continue
-                key = Path(dirpath, name).relative_to(self.root).as_posix()
-                if key.startswith(prefix):
-                    keys.append(key)
+        with self._io():
+            if not self.root.is_dir():
+                raise FileNotFoundError(f"{self.root} is gone")
+            # Walk only the directories the prefix can be in.
+            start = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
+            if start.is_dir():
+                for dirpath, _dirs, files in os.walk(start, onerror=fail):
+                    for name in files:
+                        if name.startswith(".tmp-"):
+                            continue
+                        key = Path(dirpath, name).relative_to(self.root).as_posix()
+                        if key.startswith(prefix):
+                            keys.append(key)
         yield from sorted(keys)
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        with self._io():
+            if not self.root.is_dir():
+                raise FileNotFoundError(f"{self.root} is gone")
+            self._path(key).unlink(missing_ok=True)
 
     def describe(self) -> str:
         return f"local directory {self.root}"
@@ -172,8 +232,22 @@ class S3Store(ObjectStore):
                 if e.code != "BucketAlreadyOwnedByYou":
                     raise
 
+    @contextmanager
+    def _call(self) -> Iterator[None]:
+        """Errors of the server or the connection as StoreUnavailable (callers handle the S3 error codes
+        that are answers: a missing key, a failed precondition)."""
+        import urllib3
+        from minio.error import InvalidResponseError, MinioException
+
+        try:
+            yield
+        except (MinioException, InvalidResponseError, urllib3.exceptions.HTTPError, OSError) as e:
+            raise self._unavailable(e) from None
+        self._answered()
+
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+        with self._call():
+            self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
 
     # A single PutObject carries at most 5 GiB; larger objects fall back to check-then-put.
     _MAX_SINGLE_PUT = 5 * 1024**3
@@ -193,35 +267,38 @@ class S3Store(ObjectStore):
             return super().put_if_absent(key, data)
         check_object_name(key)
         headers = {"Content-Type": "application/octet-stream", "If-None-Match": "*"}
-        for attempt in range(5):
-            try:
-                self.client._put_object(self.bucket, key, data, headers=dict(headers))
-                return True
-            except S3Error as e:
-                if e.code == "PreconditionFailed":  # the key exists
-                    return False
-                # S3 answers 409 ConditionalRequestConflict while a concurrent conditional write
-                # of the same key is in flight: retry, the next try sees that write's outcome.
-                if e.code != "ConditionalRequestConflict" or attempt == 4:
-                    raise
-            time.sleep(0.05 * 2**attempt)
+        with self._call():
+            for attempt in range(5):
+                try:
+                    self.client._put_object(self.bucket, key, data, headers=dict(headers))
+                    return True
+                except S3Error as e:
+                    if e.code == "PreconditionFailed":  # the key exists
+                        return False
+                    # S3 answers 409 ConditionalRequestConflict while a concurrent conditional write
+                    # of the same key is in flight: retry, the next try sees that write's outcome.
+                    if e.code != "ConditionalRequestConflict" or attempt == 4:
+                        raise
+                time.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable")
 
     def _open(self, key: str):
         """The GET response of key; NotFound when it does not exist. The caller closes it."""
         from minio.error import S3Error
 
-        try:
-            return self.client.get_object(self.bucket, key)
-        except S3Error as e:
-            if e.code in ("NoSuchKey", "NoSuchObject"):
-                raise NotFound(f"object {key!r} not found in {self.describe()}") from None
-            raise
+        with self._call():
+            try:
+                return self.client.get_object(self.bucket, key)
+            except S3Error as e:
+                if e.code in ("NoSuchKey", "NoSuchObject"):
+                    raise NotFound(f"object {key!r} not found in {self.describe()}") from None
+                raise
 
     def get_bytes(self, key: str) -> bytes:
         response = self._open(key)
         try:
-            return response.read()
+            with self._call():
+                return response.read()
         finally:
             response.close()
             response.release_conn()
@@ -231,7 +308,8 @@ class S3Store(ObjectStore):
 
         def chunks() -> Iterator[bytes]:
             try:
-                yield from response.stream(chunk_size)
+                with self._call():
+                    yield from response.stream(chunk_size)
             finally:
                 response.close()
                 response.release_conn()
@@ -241,20 +319,24 @@ class S3Store(ObjectStore):
     def exists(self, key: str) -> bool:
         from minio.error import S3Error
 
-        try:
-            self.client.stat_object(self.bucket, key)
-            return True
-        except S3Error as e:
-            if e.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
-                return False
-            raise
+        with self._call():
+            try:
+                self.client.stat_object(self.bucket, key)
+                return True
+            except S3Error as e:
+                if e.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                    return False
+                raise
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
-            yield obj.object_name
+        # Read to the end before yielding: a listing cut by an outage is an error, never a shorter list.
+        with self._call():
+            keys = [obj.object_name for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)]
+        yield from keys
 
     def delete(self, key: str) -> None:
-        self.client.remove_object(self.bucket, key)
+        with self._call():
+            self.client.remove_object(self.bucket, key)
 
     def describe(self) -> str:
         return f"s3://{self.bucket} at {self.endpoint}"

@@ -11,7 +11,7 @@ as for any alpipe project, in the trainer, every query_size new labels.
   (`labelstudio:<user id>`), one vote per user and image as with POST /labels; a skipped
   (cancelled) annotation is no label, and deleting or cancelling an annotation withdraws its vote.
 - /predict answers, per task, alpipe's guess and a score that orders tasks as alpipe ranks them
-  (`prediction_score`).
+  (`prediction_scores`).
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ class SetupRequest(BaseModel):
 
     project: str = Field(description="'<id>.<creation time>' of the Label Studio project")
     label_config: str = Field(alias="schema", description="the project's label config (XML)")
-    hostname: str = Field("", description="where Label Studio says it is")
-    access_token: str = Field("", description="the legacy API token of the project's creator")
+    hostname: str | None = Field(None, description="where Label Studio says it is")
+    access_token: str | None = Field(None, description="the legacy API token of the project's creator")
     extra_params: dict[str, Any] | str | None = Field(
         None, description="JSON: alpipe_project (its name), label_studio_url, label_studio_token, and any "
                           "field of a project (strategy, query_size, model...)")
