@@ -132,14 +132,25 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
     import redis
 
-    from .recovery import recover_all
+    from .recovery import describe_recovery, recover_all
     from .storage import open_store
 
     settings = get_settings()
     if not settings.redis_url:
         raise UserError("set REDIS_URL to the Redis to rebuild (e.g. redis://127.0.0.1:6379/0)")
-    report = recover_all(redis.Redis.from_url(settings.redis_url), open_store(settings), settings=settings)
-    print(json.dumps(report, indent=2))
+    report = recover_all(redis.Redis.from_url(settings.redis_url), open_store(settings), settings=settings,
+                         wait_s=args.wait)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for name, rep in report["projects"].items():
+            print(f"{name}: {describe_recovery(rep)}")
+        if not report["projects"]:
+            print("object storage has no projects: nothing to rebuild")
+    failed = [name for name, rep in report["projects"].items() if rep.get("status") == "error"]
+    if failed:
+        print(f"alpipe: error: {len(failed)} project(s) not recovered: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -260,7 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--name", help="worker name (default: kind-host-pid)")
     worker.set_defaults(func=cmd_worker)
 
-    rec = sub.add_parser("recover", help="rebuild Redis state from object storage (after a Redis wipe)")
+    rec = sub.add_parser("recover", help="rebuild Redis state from object storage (after a Redis wipe); exits 1 "
+                                         "when a project could not be rebuilt")
+    rec.add_argument("--wait", type=float, default=120.0, metavar="S",
+                     help="how long to wait for a rebuild another process (the API) has started (default 120)")
+    rec.add_argument("--json", action="store_true", help="print the report as JSON")
     rec.set_defaults(func=cmd_recover)
 
     label = sub.add_parser("label", help="label a project's queries from the terminal (keys as on the web page)")

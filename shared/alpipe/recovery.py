@@ -103,10 +103,16 @@ def _rebuild(state: ProjectState, store: ObjectStore, project: Project) -> dict:
     if not pool:
         state.set_cold_start_ranking({})
     state.register(project.model_dump_json())  # last: from here on the project is served
-    counts = state.counts()
     return {"status": "recovered", "sample_batches": n_batches, "samples": n_samples, "label_batches": n_log,
-            "label_records": n_labels, "pool": counts["pool"], "labeled": counts["labeled"],
-            "test": counts["test"], "model_version": version, "curve_points": len(points)}
+            "label_records": n_labels, **_present(state)}
+
+
+def _present(state: ProjectState) -> dict:
+    """What a project has in Redis: counts, votes, model version and curve points."""
+    counts = state.counts()
+    return {"pool": counts["pool"], "labeled": counts["labeled"], "test": counts["test"],
+            "votes": sum(len(v) for v in state.all_votes().values()), "model_version": state.model_version(),
+            "curve_points": len(state.curve())}
 
 
 def _restart_work(r: redis.Redis, store: ObjectStore, project: Project, version: int, *,
@@ -153,15 +159,39 @@ def recover_project(r: redis.Redis, store: ObjectStore, name: str, *, settings: 
     return report
 
 
-def recover_all(r: redis.Redis, store: ObjectStore, *, settings: Settings, only_missing: bool = False) -> dict:
-    """recover_project for every project in object storage (only those absent from Redis if only_missing)."""
+def _wait_for_rebuild(r: redis.Redis, name: str, *, wait_s: float) -> dict:
+    """Another process (an API that got a request first) is rebuilding the project: wait for it to finish,
+    then report what the project has. Busy when it is still at it after wait_s."""
+    state = ProjectState(r, name)
+    deadline = time.monotonic() + wait_s
+    while r.exists(state.key("recovering")):
+        if time.monotonic() > deadline:
+            raise Busy(f"project {name!r} is still being rebuilt by another process after {wait_s:.0f}s")
+        time.sleep(0.2)
+    if not state.exists():
+        raise UserError(f"project {name!r}: the other process's rebuild did not finish (see its log)")
+    return {"status": "rebuilt by another process", **_present(state)}
+
+
+def recover_all(r: redis.Redis, store: ObjectStore, *, settings: Settings, only_missing: bool = False,
+                wait_s: float = 0.0) -> dict:
+    """recover_project for every project in object storage (only those absent from Redis if only_missing).
+
+    A project another process is rebuilding is waited for up to wait_s and reported with what it has
+    then; with wait_s 0 (the API's start-up) it is an error in the report ("being rebuilt").
+    """
     report: dict[str, dict] = {}
     for name in stored_project_names(store):
         if only_missing and ProjectState(r, name).exists():
             report[name] = {"status": "present"}
             continue
         try:
-            report[name] = recover_project(r, store, name, settings=settings)
+            try:
+                report[name] = recover_project(r, store, name, settings=settings)
+            except Busy:
+                if wait_s <= 0:
+                    raise
+                report[name] = _wait_for_rebuild(r, name, wait_s=wait_s)
         except (redis.ConnectionError, redis.TimeoutError):
             raise  # nothing else will work either
         except Exception as e:  # one broken project must not keep the others down
@@ -172,6 +202,22 @@ def recover_all(r: redis.Redis, store: ObjectStore, *, settings: Settings, only_
             report[name] = {"status": "error", "error": f"{e}" if isinstance(e, UserError)
                             else f"{e.__class__.__name__}: {e}"}
     return {"projects": report}
+
+
+def describe_recovery(rep: dict) -> str:
+    """One line for a project's entry of recover_all's report."""
+    status = rep.get("status")
+    if status == "error":
+        return f"error: {rep.get('error')}"
+    if status == "present":
+        return "present in Redis (left as it is)"
+    model = f"model v{rep['model_version']}" if rep.get("model_version") else "no model yet"
+    what = (f"{rep.get('pool', 0)} pool, {rep.get('labeled', 0)} labeled ({rep.get('votes', 0)} votes), "
+            f"{rep.get('test', 0)} test; {model}, {rep.get('curve_points', 0)} curve points")
+    if status == "recovered":
+        return (f"rebuilt from {rep['sample_batches']} sample batches and {rep['label_batches']} label batches "
+                f"({rep['label_records']} records): {what} in {rep.get('seconds', 0):.1f}s")
+    return f"{status}: {what}"
 
 
 def load_or_recover(r: redis.Redis, store: ObjectStore, name: str, *, settings: Settings) -> Project:

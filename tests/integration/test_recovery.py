@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -231,9 +232,41 @@ def test_cli_recover(settings_for, local_store: ObjectStore, redis_client, redis
     monkeypatch.delenv("ALPIPE_S3_ENDPOINT", raising=False)
     get_settings.cache_clear()
     try:
-        assert cli.main(["recover"]) == 0
+        assert cli.main(["recover", "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["projects"]["pets"]["labeled"] == len(acknowledged)
+        assert ProjectState(redis_client, "pets").labels() == acknowledged
+        votes = sum(len(v) for v in ProjectState(redis_client, "pets").all_votes().values())
+        assert report["projects"]["pets"]["votes"] == votes >= len(acknowledged)
+
+        # Per project, what came back; a project that cannot be rebuilt makes the command fail.
+        redis_client.flushall()
+        local_store.put_bytes(keys.project_key("broken"), b"{not json")
+        assert cli.main(["recover"]) == 1
+        out, err = capsys.readouterr()
+        assert "pets: rebuilt from" in out and f"{len(acknowledged)} labeled ({votes} votes)" in out
+        assert "broken: error:" in out and "1 project(s) not recovered: broken" in err
     finally:
         get_settings.cache_clear()
-    report = json.loads(capsys.readouterr().out)
-    assert report["projects"]["pets"]["labeled"] == len(acknowledged)
-    assert ProjectState(redis_client, "pets").labels() == acknowledged
+
+
+def test_recover_waits_for_a_rebuild_another_process_started(settings_for, local_store: ObjectStore,
+                                                             redis_client, tmp_path: Path) -> None:
+    """Right after a wipe the API may already be rebuilding a project (it got a request first): recover
+    waits for it and reports what the project has, instead of an error."""
+    settings = settings_for(local_store)
+    with TestClient(create_app(settings)) as client:
+        acknowledged = label_through_api(client, local_store, tmp_path)
+    redis_client.flushall()
+    # The other process: it holds the lock while it rebuilds, and lets go half a second later.
+    recover_project(redis_client, local_store, "pets", settings=settings)
+    lock = ProjectState(redis_client, "pets").key("recovering")
+    redis_client.set(lock, "the-api", ex=60)
+    threading.Timer(0.5, redis_client.delete, args=(lock,)).start()
+    report = recover_all(redis_client, local_store, settings=settings, wait_s=10)["projects"]
+    assert report["pets"]["status"] == "rebuilt by another process"
+    assert report["pets"]["labeled"] == len(acknowledged)
+
+    redis_client.set(lock, "a-stuck-process", ex=60)
+    report = recover_all(redis_client, local_store, settings=settings, wait_s=0.5)["projects"]
+    assert report["pets"]["status"] == "error" and "still being rebuilt" in report["pets"]["error"]
