@@ -39,14 +39,23 @@ _STATUS: dict[type[UserError], int] = {
 
 
 class Reconciler:
-    """A daemon thread calling alpipe.pipeline.reconcile every interval until stopped."""
+    """A daemon thread calling alpipe.pipeline.reconcile every interval until stopped, while this process
+    holds the reconciler lease in Redis: with several API processes or replicas exactly one reconciles,
+    and another takes over within the lease's TTL when that one dies."""
 
-    def __init__(self, clients: Clients, settings: Settings):
+    def __init__(self, clients: Clients, settings: Settings, metrics: ApiMetrics | None = None):
+        from alpipe import keys
+        from alpipe.work import Lease
+
         self.clients = clients
         self.settings = settings
+        self.metrics = metrics
+        self.lease = Lease(clients.redis, keys.reconciler_lease_key(),
+                           ttl_s=max(10.0, 5 * settings.reconcile_interval_s))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="alpipe-reconciler", daemon=True)
         self.runs = 0
+        self.leading = False
 
     def start(self) -> None:
         self._thread.start()
@@ -54,6 +63,23 @@ class Reconciler:
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._thread.join(timeout)
+        if self.leading:
+            try:
+                self.lease.release()  # the next process takes over now, not after the TTL
+            except redis.RedisError:
+                pass
+
+    def _lead(self) -> bool:
+        leading = self.lease.hold()
+        if leading != self.leading:
+            if leading:
+                log.info("reconciler: this process reconciles (lease %s)", self.lease.value)
+            else:
+                log.info("reconciler: %s reconciles; this process stands by", self.lease.holder())
+        self.leading = leading
+        if self.metrics is not None:
+            self.metrics.reconciler_leading.set(int(leading))
+        return leading
 
     def _run(self) -> None:
         from alpipe.pipeline import reconcile
@@ -61,15 +87,24 @@ class Reconciler:
         failing = False
         while not self._stop.wait(self.settings.reconcile_interval_s):
             try:
+                if not self._lead():
+                    continue
                 reconcile(self.clients.redis, self.clients.store(), self.settings)
                 self.runs += 1
+                if self.metrics is not None:
+                    self.metrics.reconciler_passes.inc()
                 if failing:
                     log.info("reconciler: working again")
                 failing = False
-            except Exception:
-                # Log the first failure of a streak with its traceback, not one per interval.
+            except Exception as e:
+                # Log the first failure of a streak, not one per interval; an outage is a line, not a traceback.
                 if not failing:
-                    log.exception("reconciler: pass failed; retrying every %.1fs", self.settings.reconcile_interval_s)
+                    if isinstance(e, (redis.ConnectionError, redis.TimeoutError, StoreUnavailable)):
+                        log.warning("reconciler: pass failed (%s); retrying every %.1fs", e,
+                                    self.settings.reconcile_interval_s)
+                    else:
+                        log.exception("reconciler: pass failed; retrying every %.1fs",
+                                      self.settings.reconcile_interval_s)
                 failing = True
 
 
@@ -94,7 +129,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     clients = Clients(settings)
     app.state.clients = clients
     await asyncio.to_thread(_recover_missing, clients, settings)
-    reconciler = Reconciler(clients, settings) if settings.reconcile_interval_s > 0 else None
+    reconciler = (Reconciler(clients, settings, app.state.metrics) if settings.reconcile_interval_s > 0
+                  else None)
     app.state.reconciler = reconciler
     if reconciler is not None:
         reconciler.start()

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import redis
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -88,6 +88,10 @@ class ApiMetrics:
                                         ["project"], registry=self.registry)
         self.samples_added = Counter("alpipe_samples_added", "Samples added by upload or import",
                                      ["project", "split"], registry=self.registry)
+        self.reconciler_passes = Counter("alpipe_reconciler_passes", "Reconciler passes this API process ran",
+                                         registry=self.registry)
+        self.reconciler_leading = Gauge("alpipe_reconciler_leading",
+                                        "1 while this API process holds the reconciler lease", registry=self.registry)
         self.request_seconds = Histogram("alpipe_http_request_duration_seconds", "HTTP request latency",
                                          ["method", "route", "status"], registry=self.registry,
                                          buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))

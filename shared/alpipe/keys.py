@@ -152,6 +152,11 @@ def fanout_lock_key(project: str, version: int) -> str:
     return redis_key(project, "ranking", version, "fanout")
 
 
+def reconciler_lease_key() -> str:
+    """Which API process runs the reconciler: one at a time, however many API processes and replicas."""
+    return "alpipe:reconciler:lease"
+
+
 def train_attempts_key(project: str) -> str:
     """Hash labeled-count -> train jobs enqueued for it, so a failing train is not retried forever."""
     return redis_key(project, "train_attempts")

@@ -130,6 +130,30 @@ class Heartbeat:
         self.release()
 
 
+class Lease:
+    """Leadership among processes: `hold()` takes a Redis key with a TTL when nobody has it, or keeps it
+    when this process does, and says whether this process holds it. A holder that stops calling (it
+    died) loses the key after ttl_s, and the next caller takes over."""
+
+    def __init__(self, r: redis.Redis, key: str, ttl_s: float):
+        self.r = r
+        self.key = key
+        self.ttl_ms = max(100, int(ttl_s * 1000))
+        self.value = f"{worker_identity()}:{uuid.uuid4().hex[:8]}"
+        self._refresh = r.register_script(_REFRESH_LUA)
+        self._delete = r.register_script(_DELETE_IF_EQUAL_LUA)
+
+    def hold(self) -> bool:
+        return bool(self._refresh(keys=[self.key], args=[self.value, self.ttl_ms, 1]))
+
+    def holder(self) -> str | None:
+        value = self.r.get(self.key)
+        return value.decode() if value is not None else None
+
+    def release(self) -> None:
+        self._delete(keys=[self.key], args=[self.value])
+
+
 # --- rq helpers ------------------------------------------------------------------------------------
 
 
