@@ -152,6 +152,11 @@ def fanout_lock_key(project: str, version: int) -> str:
     return redis_key(project, "ranking", version, "fanout")
 
 
+def redis_run_id_key() -> str:
+    """The run_id of the Redis server the reconciler last checked: a different one means Redis restarted."""
+    return "alpipe:redis_run_id"
+
+
 def reconciler_lease_key() -> str:
     """Which API process runs the reconciler: one at a time, however many API processes and replicas."""
     return "alpipe:reconciler:lease"

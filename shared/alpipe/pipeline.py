@@ -324,11 +324,15 @@ def reconcile(r: redis.Redis, store: ObjectStore, settings: Settings) -> dict:
 
     Returns {"train": {project: job_id}, "fanned_out": {project: version},
     "resubmitted": {project: [shard, ...]}, "gave_up": {project: [shard, ...]}, "errors": {project: why},
-    "embedding": {project: {"resubmitted": [...], "gave_up": [...]}}, "cold_start": {project: job_id}},
-    listing only projects where something happened. Pending samples of embedding passes are queued here too.
+    "embedding": {project: {"resubmitted": [...], "gave_up": [...]}}, "cold_start": {project: job_id},
+    "rebuilt": {project: recovery report} after a Redis restart that lost writes}, listing only projects where
+    something happened. Pending samples of embedding passes are queued here too.
     """
+    from .recovery import check_redis_restart
+
     report: dict[str, dict] = {"train": {}, "fanned_out": {}, "resubmitted": {}, "gave_up": {}, "errors": {},
-                               "embedding": {}, "cold_start": {}}
+                               "embedding": {}, "cold_start": {},
+                               "rebuilt": check_redis_restart(r, store, settings=settings)}
     now = time.time()
     for name in project_names(r):
         try:

@@ -367,6 +367,7 @@ def add_upload(project: Project, data: bytes, *, filename: str | None, label: st
     name = Path(filename).name if filename else sample_id
     _write_sample_batch(store, project.name, [SampleRecord(id=sample_id, name=name, label=label, split=split)])
     state.add_samples([(sample_id, split, label)])
+    state.count_applied()
     if split == "pool":
         _seed_cold_start(state, project, [sample_id])
     embed_pass.add_samples(r, project, [sample_id], settings=settings, flush_now=False)
@@ -392,6 +393,7 @@ def add_pool_images(project: Project, images: list[tuple[bytes, str]], *, store:
         project = resolve_auto_model(project, list(new), store=store, r=r)
         _write_sample_batch(store, project.name, list(new.values()))
         state.add_samples([(sid, "pool", None) for sid in new])
+        state.count_applied()
         _seed_cold_start(state, project, list(new))
         embed_pass.add_samples(r, project, list(new), settings=settings)
         cold_start.maybe_enqueue(r, project, settings=settings)
@@ -444,6 +446,8 @@ def import_dataset(project: Project, request: ImportRequest, *, store: ObjectSto
     batch = _write_sample_batch(store, project.name, new) if new else None
     for chunk in _chunks(new):
         state.add_samples([(s.id, s.split, s.label) for s in chunk])
+    if batch:
+        state.count_applied()
     _seed_cold_start(state, project, [s.id for s in new if s.split == "pool"])
     embed_pass.add_samples(r, project, [s.id for s in new], settings=settings)
     cold_start.maybe_enqueue(r, project, settings=settings)
@@ -565,6 +569,7 @@ def submit_labels(project: Project, batch: LabelBatch, *, store: ObjectStore, r:
                for sid in new]
     store.put_if_absent(keys.label_log_key(project.name, new_stamp(), batch_id), jsonl_bytes(records))
     labeled = state.apply_labels([rec.model_dump() for rec in records])
+    state.count_applied()
     trigger_training(r, project, settings=settings)
     return LabelResult(accepted=len(records), duplicates=duplicates, labeled=labeled)
 
@@ -596,6 +601,7 @@ def retract_label(project: Project, sample_id: str, *, labeler: str, store: Obje
     rank = cold_start_score(project.seed, sample_id) if live == 0 else None
     labeled, [label] = state.apply_votes([record.model_dump()], relet=(token, labeler, now + lease_ttl_s),
                                          rank_score=rank)
+    state.count_applied()
     leased = label is None and state.lease_holder(sample_id) == (token, labeler)
     return UndoResult(sample_id=sample_id, labeled=labeled, training_label=label,
                       lease_token=token if leased else None)

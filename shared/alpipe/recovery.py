@@ -102,6 +102,7 @@ def _rebuild(state: ProjectState, store: ObjectStore, project: Project) -> dict:
         state.set_cold_start_ranking({sid: cold_start_score(project.seed, sid) for sid in chunk})
     if not pool:
         state.set_cold_start_ranking({})
+    state.set_applied(n_batches + n_log)
     state.register(project.model_dump_json())  # last: from here on the project is served
     return {"status": "recovered", "sample_batches": n_batches, "samples": n_samples, "label_batches": n_log,
             "label_records": n_labels, **_present(state)}
@@ -202,6 +203,42 @@ def recover_all(r: redis.Redis, store: ObjectStore, *, settings: Settings, only_
             report[name] = {"status": "error", "error": f"{e}" if isinstance(e, UserError)
                             else f"{e.__class__.__name__}: {e}"}
     return {"projects": report}
+
+
+def _durable_batches(store: ObjectStore, name: str) -> int:
+    return sum(key.endswith(".jsonl") for prefix in (keys.samples_prefix(name), keys.label_log_prefix(name))
+               for key in store.list(prefix))
+
+
+def check_redis_restart(r: redis.Redis, store: ObjectStore, *, settings: Settings) -> dict:
+    """After Redis restarted (its run_id changed), rebuild every project Redis has lost writes of.
+
+    A Redis that restarts after a host crash (appendfsync everysec can lose the last second) or is
+    restored from an older snapshot may lack batches that were acknowledged: each project counts the
+    durable batches it applied, and a project whose store holds more (or that Redis lost entirely) is
+    rebuilt from the store, so an acknowledged label is never missing from training. The reconciler
+    calls this every pass; it costs one INFO unless the run_id changed. {project: what was done}.
+    """
+    run_id = r.info("server")["run_id"]
+    seen = r.get(keys.redis_run_id_key())
+    if seen is not None and seen.decode() == run_id:
+        return {}
+    report: dict[str, dict] = {}
+    for name in stored_project_names(store):
+        state = ProjectState(r, name)
+        durable = _durable_batches(store, name)
+        applied = state.applied() if state.exists() else None
+        if applied is not None and applied >= durable:
+            continue
+        log.warning("Redis restarted (run_id %s) and %s: rebuilding it from object storage", run_id,
+                    f"holds {applied} of project {name}'s {durable} batches" if applied is not None
+                    else f"lost project {name}")
+        try:
+            report[name] = recover_project(r, store, name, settings=settings)
+        except Busy:
+            return report  # someone is rebuilding it: check again next pass (run_id not recorded yet)
+    r.set(keys.redis_run_id_key(), run_id)
+    return report
 
 
 def describe_recovery(rep: dict) -> str:

@@ -218,6 +218,17 @@ class ProjectState:
     def exists(self) -> bool:
         return bool(self.r.exists(self.key("meta")))
 
+    # How many durable batches (sample batches and label-log objects) Redis has applied: fewer than the
+    # store holds after a Redis restart means Redis lost writes (alpipe.recovery.check_redis_restart).
+    def count_applied(self, batches: int = 1) -> None:
+        self.r.incrby(self.key("durable_applied"), batches)
+
+    def set_applied(self, batches: int) -> None:
+        self.r.set(self.key("durable_applied"), batches)
+
+    def applied(self) -> int:
+        return int(self.r.get(self.key("durable_applied")) or 0)
+
     def meta(self) -> str | None:
         value = self.r.get(self.key("meta"))
         return value.decode() if value is not None else None
