@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from alpipe import access
 from alpipe.errors import UserError
 from alpipe.labelstudio import backend
-from alpipe.labelstudio.backend import PredictRequest, SetupRequest, WebhookEvent
+from alpipe.labelstudio.backend import PredictRequest, SetupRequest, TrainRequest, WebhookEvent
 
 from .deps import RedisDep, SettingsDep, StoreDep, bearer_or_basic_token, require_admin
 
@@ -63,7 +63,7 @@ def predict(body: PredictRequest, r: RedisDep, store: StoreDep, settings: Settin
 
 
 @router.post("/train", dependencies=_ADMIN, responses=_ERRORS)
-def train(body: dict[str, Any], r: RedisDep, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
+def train(body: TrainRequest, r: RedisDep, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
     """Retrain now (what older Label Studio versions call instead of a START_TRAINING webhook)."""
     return _logged("train", lambda: backend.train(body, store=store, r=r, settings=settings))
 

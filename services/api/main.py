@@ -12,6 +12,8 @@ import redis
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from alpipe.access import Forbidden, auth_enabled, check_access_config
 from alpipe.config import Settings, get_settings
@@ -20,6 +22,7 @@ from alpipe.labelstudio.client import LabelStudioError, LabelStudioNotFound
 from alpipe.projects import Busy, Conflict, Invalid, NotAnImage, TooLarge
 from alpipe.recovery import recover_all
 
+from . import openapi
 from .deps import Clients, require_authentication
 from .export_routes import router as export_router
 from .labelstudio_routes import router as labelstudio_router
@@ -179,6 +182,21 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.warning("%s %s: Redis unavailable: %s", request.method, request.url.path, exc)
         return _error(503, f"Redis is unavailable: {exc}")
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        response = _error(exc.status_code, exc.detail)
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route that matched the path only; GET and POST
+            # /projects are two routes.
+            def serves(method: str) -> bool:
+                scope = {**request.scope, "method": method}
+                return any(route.matches(scope)[0] == Match.FULL for route in app.routes)
+
+            methods = [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE") if serves(m)]
+            response.headers["Allow"] = ", ".join(methods)
+        return response
+
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("%s %s failed", request.method, request.url.path)
@@ -205,6 +223,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(export_router)
     app.include_router(labelstudio_router)
+    openapi.install(app, settings)
     app.include_router(ui_router)
     return app
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.convertors import StringConvertor, register_url_convertor
 from starlette.datastructures import UploadFile
 
 from alpipe import access, keys, projects
@@ -34,6 +35,10 @@ from .bodies import parse_capped_form
 from .deps import MetricsDep, PrincipalDep, ProjectDep, RedisDep, SettingsDep, StoreDep, require_admin
 
 router = APIRouter()
+
+
+class Sha256Convertor(StringConvertor):
+    regex = "[0-9a-f]{64}"
 
 @router.get("/health", tags=["service"])
 def health(r: RedisDep, request: Request, response: Response) -> dict[str, Any]:
@@ -78,7 +83,8 @@ _FORBIDDEN = {403: {"description": "the token may not do this (admin only, or a 
 # --- projects ----------------------------------------------------------------------------------------
 
 
-@router.post("/projects", status_code=201, tags=["projects"], dependencies=_ADMIN, responses=_FORBIDDEN)
+@router.post("/projects", status_code=201, tags=["projects"], dependencies=_ADMIN,
+             responses={**_FORBIDDEN, 409: {"description": "a project of that name exists"}})
 def create_project(body: ProjectCreate, r: RedisDep, store: StoreDep) -> ProjectPublic:
     """Create a project; 409 when the name is taken, 422 for an unknown strategy, model or repeated class."""
     project = projects.create_project(body, store=store, r=r)
@@ -234,7 +240,12 @@ def post_labels(body: LabelBatch, project: ProjectDep, r: RedisDep, store: Store
     return result
 
 
-@router.delete("/projects/{name}/labels/{sample_id}", tags=["labeling"],
+# A sample id is the sha256 of its bytes: the path admits nothing else, so .../labels/import is the
+# label-import route's alone.
+register_url_convertor("sha256", Sha256Convertor())
+
+
+@router.delete("/projects/{name}/labels/{sample_id:sha256}", tags=["labeling"],
                responses={**_FORBIDDEN, 404: {"description": "unknown project or sample, or you have no label on it"}})
 def delete_label(sample_id: str, project: ProjectDep, r: RedisDep, store: StoreDep, settings: SettingsDep,
                  metrics: MetricsDep, principal: PrincipalDep,

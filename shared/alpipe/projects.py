@@ -17,6 +17,7 @@ import json
 import logging
 import secrets
 import time
+import unicodedata
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -200,6 +201,17 @@ def validate_project(body: ProjectCreate) -> None:
     blank = [c for c in body.classes if not c.strip()]
     if blank:
         raise Invalid("class names must not be empty")
+    control = [c for c in body.classes if any(unicodedata.category(ch) == "Cc" for ch in c)]
+    if control:
+        raise Invalid(f"class name {control[0]!r} has a control character; use printable characters only")
+    from .export import safe_folder
+
+    folders: dict[str, str] = {}
+    for c in body.classes:
+        other = folders.setdefault(safe_folder(c), c)
+        if other != c:
+            raise Invalid(f"classes {other!r} and {c!r} would share the folder {safe_folder(c)!r} of an ImageFolder "
+                          "export; rename one")
     repeated = sorted(c for c, n in Counter(body.classes).items() if n > 1)
     if repeated:
         raise Invalid(f"duplicate class names: {_name_list(repeated)}; every class must appear once")

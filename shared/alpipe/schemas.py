@@ -4,6 +4,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from .model_specs import AUTO, MODEL_NAMES
+from .strategies import STRATEGIES
+
 Split = Literal["pool", "test"]
 LabelPolicy = Literal["latest", "majority"]
 
@@ -30,12 +33,15 @@ class DatasetManifest(BaseModel):
 # --- projects and the wire contract of the services -------------------------------------------
 
 Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+# A class name: printable (no control characters), not blank.
+_PRINTABLE = r"[^\x00-\x1f\x7f-\x9f]"
+ClassName = Annotated[str, StringConstraints(pattern=rf"^{_PRINTABLE}*[^\s\x00-\x1f\x7f-\x9f]{_PRINTABLE}*$")]
 
 
 class TrainOptions(BaseModel):
     """How the trainer retrains a project (mirrors alpipe.training.TrainConfig)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     stop: str = "no_improvement"
     patience: int = Field(5, ge=1)
@@ -54,12 +60,14 @@ class TrainOptions(BaseModel):
 
 
 class ProjectCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: Slug
-    classes: list[str] = Field(min_length=2, description="class names, in the order the model outputs them")
+    classes: list[ClassName] = Field(min_length=2, description="class names, in the order the model outputs them",
+                                     json_schema_extra={"uniqueItems": True})
     strategy: str = Field("auto", description="how the next images are chosen: auto (the measured best, see the "
-                                               "README), margin, least_confidence, entropy, bald, power_margin, random")
+                                               "README), margin, least_confidence, entropy, bald, power_margin, random",
+                          json_schema_extra={"enum": list(STRATEGIES)})
     cold_start: Literal["typiclust", "random"] | None = Field(
         None, description="how images are chosen before the first model: typiclust (typical images of clusters of "
                           "label-free features) or random; null: the strategy's own (random for random, else "
@@ -69,7 +77,8 @@ class ProjectCreate(BaseModel):
     pool_size: int = Field(0, ge=0, description="score a random subset of this many unlabeled images (0 = all)")
     model: str = Field("auto", description="small_cnn, resnet18, efficientnet_lite0, or auto: small_cnn for small "
                                            "grayscale images, else a pretrained backbone in embedding mode "
-                                           "(decided by the first images added)")
+                                           "(decided by the first images added)",
+                       json_schema_extra={"enum": [AUTO, *MODEL_NAMES]})
     pretrained: bool = True
     finetune: bool | None = Field(None, description="true: train the whole network (GPU hosts); false: embedding "
                                                     "mode (frozen backbone, a head on cached embeddings); null: "
@@ -89,7 +98,7 @@ class Project(ProjectCreate):
 
 
 class ImportRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     dataset: str = Field(description="a built-in dataset (mnist5k, digits, photos) or an ImageFolder path "
                                      "on the server")
@@ -99,7 +108,7 @@ class ImportRequest(BaseModel):
 
 
 class LabelIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     sample_id: str
     label: str
@@ -107,7 +116,7 @@ class LabelIn(BaseModel):
 
 
 class LabelBatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     labels: list[LabelIn] = Field(min_length=1, max_length=10_000)
     labeler: str | None = Field(None, min_length=1, max_length=200,
@@ -118,7 +127,7 @@ class LabelBatch(BaseModel):
 class LeaseRelease(BaseModel):
     """Samples handed back unlabeled (a closed page, a labeler who stops), so others get them now."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     lease_token: str = Field(min_length=1, max_length=200, description="the token the samples were leased under")
     sample_ids: list[str] = Field(min_length=1, max_length=1000)

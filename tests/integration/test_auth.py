@@ -54,7 +54,7 @@ def test_no_token_or_an_unknown_one_is_401(client: TestClient, projects: dict) -
     for headers in ({}, auth("t-wrong"), auth(""), {"Authorization": f"Basic {ADMIN}"}, {"Authorization": ADMIN}):
         for method, path in [("GET", "/projects"), ("GET", "/projects/pets"), ("GET", "/me"),
                              ("GET", "/projects/pets/queries"), ("POST", "/projects/pets/train"),
-                             ("DELETE", "/projects/pets/labels/abc"), ("POST", "/projects/pets/leases/release"),
+                             ("DELETE", f"/projects/pets/labels/{'a' * 64}"), ("POST", "/projects/pets/leases/release"),
                              ("GET", "/projects/nope/curve")]:
             response = client.request(method, path, headers=headers)
             assert response.status_code == 401, (headers, path, response.text)

@@ -53,10 +53,14 @@ INLINE_INGEST = 100
 _CONNECTION_PARAMS = ("alpipe_project", "label_studio_url", "label_studio_token")
 
 
+# Label Studio names a project '<id>.<creation time>'.
+PROJECT_UID = r"^[0-9]+(\.[0-9]*)?$"
+
+
 class SetupRequest(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    project: str = Field(description="'<id>.<creation time>' of the Label Studio project")
+    project: str = Field(pattern=PROJECT_UID, description="'<id>.<creation time>' of the Label Studio project")
     label_config: str = Field(alias="schema", description="the project's label config (XML)")
     hostname: str | None = Field(None, description="where Label Studio says it is")
     access_token: str | None = Field(None, description="the legacy API token of the project's creator")
@@ -65,11 +69,28 @@ class SetupRequest(BaseModel):
                           "field of a project (strategy, query_size, model...)")
 
 
+class Task(BaseModel):
+    """A Label Studio task as /predict and webhooks send it (only id and data matter here)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: int
+    data: dict[str, Any] | None = Field(None, description="the task's data: {<image field>: URL, ...}")
+
+
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    tasks: list[dict[str, Any]] = Field(description="Label Studio tasks: {id, data: {<image field>: URL}}")
-    project: str | None = Field(None, description="'<id>.<creation time>' of the Label Studio project")
+    tasks: list[Task] = Field(description="Label Studio tasks: {id, data: {<image field>: URL}}")
+    project: str = Field(pattern=PROJECT_UID, description="'<id>.<creation time>' of the Label Studio project")
+
+
+class TrainRequest(BaseModel):
+    """What Label Studio versions before START_TRAINING webhooks POST to /train."""
+
+    model_config = ConfigDict(extra="allow")
+
+    project: str = Field(pattern=PROJECT_UID, description="'<id>.<creation time>' of the Label Studio project")
 
 
 class WebhookEvent(BaseModel):
@@ -295,16 +316,16 @@ def predict(body: PredictRequest, *, store: ObjectStore, r: redis.Redis, setting
     until alpipe pushes theirs."""
     if not body.tasks:
         return {"results": []}
-    uid = body.project if body.project else body.tasks[0].get("project")
-    link = _link_of(store, r, parse_project_uid(uid)[0])
+    link = _link_of(store, r, parse_project_uid(body.project)[0])
     project = load_or_recover(r, store, link.project, settings=settings)
-    ids = [_task_id(t) for t in body.tasks]
+    given = [t.model_dump() for t in body.tasks]
+    ids = [_task_id(t) for t in given]
     known = links.lookup(store, r, project.name, TASKS, ids)
     if sum(s is None for s in known) > INLINE_INGEST:
         sync.enqueue_sync(r, project.name, settings=settings)
-        tasks = [t for t, s in zip(body.tasks, known, strict=True) if s is not None]
+        tasks = [t for t, s in zip(given, known, strict=True) if s is not None]
     else:
-        tasks = body.tasks
+        tasks = given
     sample_ids = dict(zip([_task_id(t) for t in tasks],
                           ensure_samples(project, link, tasks, store=store, r=r, settings=settings), strict=True))
     label, rows = predictions_for(project, link, list(sample_ids.values()), r=r)
@@ -402,9 +423,9 @@ def webhook_link(event: WebhookEvent, *, store: ObjectStore, r: redis.Redis) -> 
     return _link_of(store, r, ls_project)
 
 
-def train(body: dict, *, store: ObjectStore, r: redis.Redis, settings: Settings) -> dict:
+def train(body: TrainRequest, *, store: ObjectStore, r: redis.Redis, settings: Settings) -> dict:
     """Older Label Studio versions POST /train instead of a START_TRAINING webhook."""
-    ls_project, _ = parse_project_uid(body.get("project"))
+    ls_project, _ = parse_project_uid(body.project)
     link = _link_of(store, r, ls_project)
     project = load_or_recover(r, store, link.project, settings=settings)
     result = projects.request_training(r, project, settings=settings)
