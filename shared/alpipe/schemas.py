@@ -33,9 +33,10 @@ class DatasetManifest(BaseModel):
 # --- projects and the wire contract of the services -------------------------------------------
 
 Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
-# A class name: printable (no control characters), not blank.
+# A class name: printable (no control characters), not blank. The document states it as a pattern; the
+# API checks it in projects.validate_project, whose messages say what is wrong in words.
 _PRINTABLE = r"[^\x00-\x1f\x7f-\x9f]"
-ClassName = Annotated[str, StringConstraints(pattern=rf"^{_PRINTABLE}*[^\s\x00-\x1f\x7f-\x9f]{_PRINTABLE}*$")]
+CLASS_NAME_PATTERN = rf"^{_PRINTABLE}*[^\s\x00-\x1f\x7f-\x9f]{_PRINTABLE}*$"
 
 
 class TrainOptions(BaseModel):
@@ -63,8 +64,9 @@ class ProjectCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: Slug
-    classes: list[ClassName] = Field(min_length=2, description="class names, in the order the model outputs them",
-                                     json_schema_extra={"uniqueItems": True})
+    classes: list[str] = Field(min_length=2, description="class names, in the order the model outputs them",
+                               json_schema_extra={"uniqueItems": True,
+                                                  "items": {"type": "string", "pattern": CLASS_NAME_PATTERN}})
     strategy: str = Field("auto", description="how the next images are chosen: auto (the measured best, see the "
                                                "README), margin, least_confidence, entropy, bald, power_margin, random",
                           json_schema_extra={"enum": list(STRATEGIES)})
