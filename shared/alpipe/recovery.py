@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 5000
 _LOCK_TTL_S = 600
+# How long a project's store may be ahead of Redis while a batch is being written (check_redis_restart).
+_SETTLE_S = 2.0
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
@@ -147,7 +149,9 @@ def recover_project(r: redis.Redis, store: ObjectStore, name: str, *, settings: 
     # The policy comes from the definition: Redis has no registered project to read it from yet.
     state = ProjectState(r, name, label_policy=project.label_policy)
     lock = state.key("recovering")
-    token = uuid.uuid4().hex
+    # The Redis run_id in the token: a lock restored from an older snapshot names another run (see
+    # check_redis_restart), so it is told from a rebuild in progress.
+    token = f"{r.info('server')['run_id']} {uuid.uuid4().hex}"
     if not r.set(lock, token, nx=True, ex=_LOCK_TTL_S):
         raise Busy(f"project {name!r} is being rebuilt from object storage; retry in a moment")
     try:
@@ -223,16 +227,33 @@ def check_redis_restart(r: redis.Redis, store: ObjectStore, *, settings: Setting
     seen = r.get(keys.redis_run_id_key())
     if seen is not None and seen.decode() == run_id:
         return {}
+
+    def behind(names: list[str]) -> dict[str, tuple[int | None, int]]:
+        """{project: (batches applied or None when Redis lost it, batches in the store)} where Redis is behind."""
+        out = {}
+        for name in names:
+            state = ProjectState(r, name)
+            durable = _durable_batches(store, name)
+            applied = state.applied() if state.exists() else None
+            if applied is None or applied < durable:
+                out[name] = (applied, durable)
+        return out
+
+    # A batch being written right now is in the store a moment before Redis counts it: only a gap that
+    # is still there a little later is a loss.
+    suspects = behind(stored_project_names(store))
+    if suspects:
+        time.sleep(_SETTLE_S)
+        suspects = behind(list(suspects))
     report: dict[str, dict] = {}
-    for name in stored_project_names(store):
-        state = ProjectState(r, name)
-        durable = _durable_batches(store, name)
-        applied = state.applied() if state.exists() else None
-        if applied is not None and applied >= durable:
-            continue
+    for name, (applied, durable) in suspects.items():
         log.warning("Redis restarted (run_id %s) and %s: rebuilding it from object storage", run_id,
                     f"holds {applied} of project {name}'s {durable} batches" if applied is not None
                     else f"lost project {name}")
+        lock = ProjectState(r, name).key("recovering")
+        holder = r.get(lock)
+        if holder is not None and not holder.decode().startswith(f"{run_id} "):
+            r.delete(lock)  # restored with an older snapshot: nobody holds it on this Redis
         try:
             report[name] = recover_project(r, store, name, settings=settings)
         except Busy:

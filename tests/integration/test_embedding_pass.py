@@ -80,6 +80,7 @@ def make_photo_project(store: ObjectStore, r: redis.Redis, settings: Settings, *
     state = ProjectState(r, name)
     state.register(project.model_dump_json())
     state.add_samples(records)
+    state.count_applied()  # as the API does: one durable batch applied
     assert embed_pass.add_samples(r, project, ids, settings=settings) == -(-len(ids) // settings.embed_shard_size)
     return Setup(project, state, truth, ids)
 

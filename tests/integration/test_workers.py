@@ -95,6 +95,7 @@ def make_project(store: ObjectStore, r: redis.Redis, *, name: str = "shapes", qu
     state = ProjectState(r, name)
     state.register(project.model_dump_json())
     state.add_samples(records)
+    state.count_applied()  # as the API does: one durable batch applied
     return Setup(project, state, truth)
 
 
@@ -106,6 +107,7 @@ def give_labels(store: ObjectStore, setup: Setup, n: int, *, batch: str) -> list
     body = "\n".join(json.dumps(rec) for rec in records).encode()
     store.put_bytes(keys.label_log_key(setup.project.name, f"{time.time_ns()}", batch), body)
     setup.state.apply_labels(records)
+    setup.state.count_applied()  # as the API does: one durable batch applied
     return ids
 
 
