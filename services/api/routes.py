@@ -226,9 +226,10 @@ def post_lease_release(body: LeaseRelease, project: ProjectDep, r: RedisDep, met
 
 
 @router.post("/projects/{name}/labels", tags=["labeling"],
-             responses={**_FORBIDDEN, 404: {"description": "unknown project or sample"},
+             responses={**_FORBIDDEN, 404: {"description": "unknown project"},
                         409: {"description": "a sample is leased to someone else"},
-                        422: {"description": "a label is not a class, or a sample is in the test split"}})
+                        422: {"description": "a sample the project does not have (or in its test split), or a "
+                                             "label that is not a class"}})
 def post_labels(body: LabelBatch, project: ProjectDep, r: RedisDep, store: StoreDep, settings: SettingsDep,
                 metrics: MetricsDep, principal: PrincipalDep) -> LabelResult:
     """Record your labels (one vote per labeler and sample): all or nothing, durable in the label log

@@ -548,8 +548,8 @@ def submit_labels(project: Project, batch: LabelBatch, *, store: ObjectStore, r:
 
     splits = state.sample_splits(ids)
     unknown = [sid for sid, split in zip(ids, splits, strict=True) if split is None]
-    if unknown:
-        raise NotFound(f"sample {_name_list(unknown)} not found in project {project.name!r}")
+    if unknown:  # the project (the URL) is there: a body naming what it does not have is unprocessable
+        raise Invalid(f"sample {_name_list(unknown)} not found in project {project.name!r}")
     in_test = [sid for sid, split in zip(ids, splits, strict=True) if split == "test"]
     if in_test:
         raise Invalid(f"sample {_name_list(in_test)} is in the test split; test samples keep their known "

@@ -123,11 +123,18 @@ class LocalStore(ObjectStore):
         self._answered()
 
     def _parent(self, key: str) -> Path:
-        """The key's directory, made below the root (never the root itself)."""
+        """The key's directory, made below the root and never the root itself: each level is made on
+        the one above, so a root that vanishes meanwhile fails the call instead of coming back empty."""
         path = self._path(key)
+        missing = []
+        folder = path.parent
+        while folder != self.root and not folder.is_dir():
+            missing.append(folder)
+            folder = folder.parent
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root} is gone")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        for folder in reversed(missing):
+            folder.mkdir(exist_ok=True)
         return path
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:

@@ -522,7 +522,7 @@ def test_bad_label_batches_write_nothing(client: TestClient, store: ObjectStore,
     cases = [
         ([good, {"sample_id": held_ids[0], "label": "cow"}], 422,
          "label 'cow' (sample"),
-        ([good, {"sample_id": "f" * 64, "label": "cat"}], 404, f"sample '{'f' * 64}' not found in project 'pets'"),
+        ([good, {"sample_id": "f" * 64, "label": "cat"}], 422, f"sample '{'f' * 64}' not found in project 'pets'"),
         ([good, {"sample_id": test_id, "label": "cat"}], 422, "is in the test split"),
         ([good, {"sample_id": held_ids[0], "label": "dog", "lease_token": "not-ann's"}], 409,
          "is leased to labeler 'ann'"),
