@@ -137,15 +137,25 @@ class LocalStore(ObjectStore):
             folder.mkdir(exist_ok=True)
         return path
 
+    @staticmethod
+    def _write_temp(folder: Path, data: bytes) -> str:
+        """A complete, fsynced temporary file in folder (removed again if writing it fails)."""
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return tmp
+
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         with self._io():
             path = self._parent(key)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            tmp = self._write_temp(path.parent, data)
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
                 os.replace(tmp, path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
@@ -154,12 +164,8 @@ class LocalStore(ObjectStore):
     def put_if_absent(self, key: str, data: bytes) -> bool:
         with self._io():
             path = self._parent(key)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            tmp = self._write_temp(path.parent, data)
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
                 # link() fails when the target exists: an atomic create-if-absent of a complete file.
                 os.link(tmp, path)
                 return True
