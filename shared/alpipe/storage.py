@@ -94,14 +94,21 @@ class ObjectStore(ABC):
 class LocalStore(ObjectStore):
     """Objects as files under a root directory; atomic by write-to-temp then rename.
 
-    The root is made once, at construction. A root that disappears later (an unmounted volume, a
-    moved directory) makes the store unavailable: it is not made again, so nothing is written to an
-    empty stand-in, and a missing object is told from a missing store.
+    The root is made once, on the first run, which leaves a marker beside it (in the parent
+    directory). A root that is missing later (an unmounted volume, a moved directory) makes the store
+    unavailable, also to a process that opens it then: it is never made again, so nothing is written
+    to an empty stand-in and acknowledged there, and a missing object is told from a missing store.
     """
 
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        marker = self.root.with_name(f".{self.root.name}.alpipe-store")
+        if not self.root.is_dir():
+            if marker.exists():
+                raise self._unavailable(FileNotFoundError(f"{self.root} is gone (it was made before: "
+                                                          f"{marker} says so)"))
+            self.root.mkdir(parents=True, exist_ok=True)
+        marker.touch(exist_ok=True)  # a store made before markers existed gets one now
 
     def _path(self, key: str) -> Path:
         if not key or key.startswith("/") or ".." in key.split("/"):

@@ -47,6 +47,19 @@ def test_a_local_store_that_is_gone_is_unavailable_never_empty(local_store: Loca
     assert outage_lines(caplog) == (1, 1)
 
 
+def test_a_process_opening_a_local_store_that_is_gone_makes_no_stand_in(local_store: LocalStore) -> None:
+    """A worker (re)starting while the directory is away must not make an empty one: the API would write
+    acknowledged labels there, lost when the real directory comes back (what make chaos once caught)."""
+    local_store.put_bytes("projects/p/labels/a.jsonl", b"x")
+    away = local_store.root.with_name("store-away")
+    local_store.root.rename(away)
+    with pytest.raises(StoreUnavailable, match="is gone"):
+        LocalStore(local_store.root)
+    assert not local_store.root.exists()
+    away.rename(local_store.root)
+    assert LocalStore(local_store.root).get_bytes("projects/p/labels/a.jsonl") == b"x"
+
+
 def test_an_s3_store_behind_a_cut_connection_is_unavailable(s3_server, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger=STORE_LOG)
     host, port = s3_server.endpoint.split(":")
