@@ -40,7 +40,7 @@ from rq.job import JobStatus
 
 from . import cold_start, embed_pass, keys
 from .config import Settings, get_settings
-from .errors import NotFound
+from .errors import NotFound, StoreUnavailable
 from .schemas import Project, ScoreJob, TrainJob
 from .state import ProjectState, project_names
 from .storage import ObjectStore
@@ -365,6 +365,8 @@ def reconcile(r: redis.Redis, store: ObjectStore, settings: Settings) -> dict:
                 report["resubmitted"][name] = revived["resubmitted"]
             if revived["gave_up"]:
                 report["gave_up"][name] = revived["gave_up"]
+        except (redis.ConnectionError, redis.TimeoutError, StoreUnavailable):
+            raise  # nothing else works either: the caller logs the outage once, not a traceback per project
         except Exception as e:  # one broken project must not stop the others
             log.exception("reconcile %s failed", name)
             report["errors"][name] = f"{type(e).__name__}: {e}"
