@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
+import tempfile
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 
 import redis
 from fastapi import Depends, FastAPI, Request
@@ -25,8 +29,9 @@ from alpipe.recovery import recover_all
 from . import openapi
 from .deps import Clients, require_authentication
 from .export_routes import router as export_router
+from .health import HealthProbe
 from .labelstudio_routes import router as labelstudio_router
-from .metrics import ApiMetrics, LatencyMiddleware
+from .metrics import ApiMetrics, LatencyMiddleware, multiprocess_dir
 from .routes import router
 from .ui import router as ui_router
 
@@ -143,6 +148,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if reconciler is not None:
             await asyncio.to_thread(reconciler.stop)
         clients.close()
+        if multiprocess_dir():
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())  # its live gauges (reconciler_leading) stop counting
 
 
 def _error(status: int, detail: object, **extra: object) -> JSONResponse:
@@ -216,6 +225,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Active learning for image classification: upload or import images, get the most "
                               "informative ones to label, post labels; the trainer and scorers do the rest.")
     app.state.settings = settings
+    app.state.health = HealthProbe(lambda: app.state.clients)
     metrics = ApiMetrics(lambda: app.state.clients.redis)
     app.state.metrics = metrics
     app.add_middleware(LatencyMiddleware, metrics=metrics)
@@ -228,8 +238,37 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def serve(host: str, port: int) -> None:
-    """Run the API under uvicorn (what `alpipe api` calls)."""
+@contextmanager
+def _shared_metrics_dir() -> Iterator[None]:
+    """A folder for the worker processes' metric files (PROMETHEUS_MULTIPROC_DIR, see metrics.py): the one
+    the environment names, emptied of an earlier run's files, else a temporary one removed at the end."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        Path(given).mkdir(parents=True, exist_ok=True)
+        for stale in Path(given).glob("*.db"):
+            stale.unlink(missing_ok=True)
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="alpipe-api-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    try:
+        yield
+    finally:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def serve(host: str, port: int, *, workers: int = 1, access_log: bool = False) -> None:
+    """Run the API under uvicorn (what `alpipe api` calls), in `workers` processes sharing the port.
+
+    Each worker process builds its own app (clients, reconciler thread); the reconciler lease lets one
+    of them reconcile."""
     import uvicorn
 
-    uvicorn.run(create_app(), host=host, port=port, log_level="info", proxy_headers=True)
+    options = dict(host=host, port=port, log_level="info", proxy_headers=True, access_log=access_log)
+    if workers <= 1:
+        uvicorn.run(create_app(), **options)
+        return
+    create_app()  # a configuration error stops here, once, instead of in every worker
+    with _shared_metrics_dir():
+        uvicorn.run("services.api.main:create_app", factory=True, workers=workers, **options)

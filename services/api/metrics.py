@@ -1,13 +1,19 @@
-"""Prometheus metrics of the API: request counters and latency, and project gauges read at scrape time."""
+"""Prometheus metrics of the API: request counters and latency, and project gauges read at scrape time.
+
+With several API worker processes (`alpipe api --workers N`), a scrape reaches one of them, so the
+counters live in prometheus_client's multiprocess files (PROMETHEUS_MULTIPROC_DIR, set by
+services.api.main.serve) and every scrape sums all processes' values.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 
 import redis
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -69,31 +75,44 @@ class _StateCollector:
         yield from (samples, models, ranking, embedded, embed_rate, embed_eta, queues, up)
 
 
+def multiprocess_dir() -> str | None:
+    """Where the worker processes keep their metric values; None in single-process mode."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
 class ApiMetrics:
-    """One registry per app (tests build many apps in one process)."""
+    """One registry per app (tests build many apps in one process). `registry` is what /metrics serves."""
 
     def __init__(self, get_redis: Callable[[], redis.Redis]):
+        shared_dir = multiprocess_dir()
+        # In multiprocess mode the metrics below write to per-process files; the registry a scrape reads
+        # sums those files, so the metrics themselves go to a registry nobody collects (else counted twice).
         self.registry = CollectorRegistry()
+        own = CollectorRegistry() if shared_dir else self.registry
+        if shared_dir:
+            multiprocess.MultiProcessCollector(self.registry, path=shared_dir)
         self.labels_accepted = Counter("alpipe_labels_accepted", "Labels written to the label log",
-                                       ["project"], registry=self.registry)
+                                       ["project"], registry=own)
         self.label_duplicates = Counter("alpipe_label_duplicates", "Labels received that were already recorded",
-                                        ["project"], registry=self.registry)
+                                        ["project"], registry=own)
         self.labels_retracted = Counter("alpipe_labels_retracted", "Labels withdrawn by their labeler (undo)",
-                                        ["project"], registry=self.registry)
+                                        ["project"], registry=own)
         self.queries_served = Counter("alpipe_queries_served", "Query requests answered", ["project"],
-                                      registry=self.registry)
+                                      registry=own)
         self.samples_leased = Counter("alpipe_samples_leased", "Samples handed out by queries", ["project"],
-                                      registry=self.registry)
+                                      registry=own)
         self.samples_released = Counter("alpipe_samples_released", "Leased samples handed back unlabeled",
-                                        ["project"], registry=self.registry)
+                                        ["project"], registry=own)
         self.samples_added = Counter("alpipe_samples_added", "Samples added by upload or import",
-                                     ["project", "split"], registry=self.registry)
-        self.reconciler_passes = Counter("alpipe_reconciler_passes", "Reconciler passes this API process ran",
-                                         registry=self.registry)
+                                     ["project", "split"], registry=own)
+        self.reconciler_passes = Counter("alpipe_reconciler_passes", "Reconciler passes the API processes ran",
+                                         registry=own)
+        # livesum: the processes' values added up, dead processes left out; 1 while one of them leads.
         self.reconciler_leading = Gauge("alpipe_reconciler_leading",
-                                        "1 while this API process holds the reconciler lease", registry=self.registry)
+                                        "1 while an API process of this server holds the reconciler lease",
+                                        registry=own, multiprocess_mode="livesum")
         self.request_seconds = Histogram("alpipe_http_request_duration_seconds", "HTTP request latency",
-                                         ["method", "route", "status"], registry=self.registry,
+                                         ["method", "route", "status"], registry=own,
                                          buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
         self.registry.register(_StateCollector(get_redis))
 

@@ -22,4 +22,4 @@ def main(settings: Settings, *, burst: bool = False, name: str | None = None) ->
     ctx = jobs.configure(settings)
     log.info("scorer: store %s, device %s, %d torch threads", ctx.store.describe(), settings.device,
              torch.get_num_threads())
-    run_worker("scorer", keys.QUEUE_SCORE, ctx.redis, burst=burst, name=name)
+    run_worker("scorer", keys.QUEUE_SCORE, ctx.redis, burst=burst, name=name, nice=settings.worker_nice)

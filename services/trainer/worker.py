@@ -22,4 +22,4 @@ def main(settings: Settings, *, burst: bool = False, name: str | None = None) ->
     ctx = jobs.configure(settings)
     log.info("trainer: store %s, device %s, %d torch threads", ctx.store.describe(), settings.device,
              torch.get_num_threads())
-    run_worker("trainer", keys.QUEUE_TRAIN, ctx.redis, burst=burst, name=name)
+    run_worker("trainer", keys.QUEUE_TRAIN, ctx.redis, burst=burst, name=name, nice=settings.worker_nice)

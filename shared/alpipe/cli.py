@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import get_settings
+from .config import api_worker_count, get_settings
 from .errors import UserError
 from .strategies import COLD_STARTS
 
@@ -96,8 +96,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     def terminate(signum, frame):
         raise KeyboardInterrupt
 
+    if args.api_workers is not None and args.api_workers < 1:
+        raise UserError(f"--api-workers must be at least 1, not {args.api_workers}")
     signal.signal(signal.SIGTERM, terminate)
-    stack = LocalStack(get_settings(), scorers=args.scorers, trainers=args.trainers, port=args.port)
+    stack = LocalStack(get_settings(), scorers=args.scorers, trainers=args.trainers, port=args.port,
+                       api_workers=args.api_workers)
     try:
         stack.start()
         print(f"alpipe is up: API {stack.api_url}  docs {stack.api_url}/docs  redis {stack.redis_url}\n"
@@ -114,7 +117,11 @@ def cmd_api(args: argparse.Namespace) -> int:
     from services.api.main import serve
 
     settings = get_settings()
-    serve(host=args.host or settings.api_host, port=args.port or settings.api_port)
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be at least 1, not {args.workers}")
+    workers = args.workers or api_worker_count(settings)
+    serve(host=args.host or settings.api_host, port=args.port or settings.api_port, workers=workers,
+          access_log=settings.api_access_log)
     return 0
 
 
@@ -258,11 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--scorers", type=int, default=2, help="scorer worker processes")
     up.add_argument("--trainers", type=int, default=1, help="trainer worker processes")
     up.add_argument("--port", type=int, help="API port (default: a free one)")
+    up.add_argument("--api-workers", type=int, help="API worker processes (default ALPIPE_API_WORKERS, or one per "
+                                                    "core: at least 2, at most 8)")
     up.set_defaults(func=cmd_up)
 
     api = sub.add_parser("api", help="run the labeling API (uvicorn)")
     api.add_argument("--host", help="bind address (default ALPIPE_API_HOST or 127.0.0.1)")
     api.add_argument("--port", type=int, help="port (default ALPIPE_API_PORT or 8000)")
+    api.add_argument("--workers", type=int, help="worker processes sharing the port (default ALPIPE_API_WORKERS, "
+                                                 "or one per core: at least 2, at most 8)")
     api.set_defaults(func=cmd_api)
 
     worker = sub.add_parser("worker", help="run one rq worker: trainer (queue train) or scorer (queue score)")

@@ -1,6 +1,7 @@
 """Every knob, read from the environment (prefix ALPIPE_) in one place."""
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,6 +34,9 @@ class Settings(BaseSettings):
     shard_size: int = 2000  # pool samples per score job
     embed_shard_size: int = 256  # images per embedding-pass job: a killed scorer loses little
     embed_batch_size: int = 0  # images per backbone forward; 0 = 32 on a CPU, 256 on CUDA
+    # Workers lower their CPU priority by this much (nice), so on a host they share with the API, labelers'
+    # requests are answered first and training and scoring take the CPU the API leaves (0 = unchanged).
+    worker_nice: int = Field(10, ge=0, le=19)
 
     # Labeling
     lease_ttl_s: int = 600
@@ -57,9 +61,12 @@ class Settings(BaseSettings):
     test_score_delay_s: float = 0.0
     test_train_epoch_delay_s: float = 0.0
 
-    # API server
+    # API server. Worker processes share the port (uvicorn's supervisor); 0 = one per core, 2 to 8.
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    api_workers: int = Field(0, ge=0)
+    # One log line per request (uvicorn's access log); off by default: it costs a tenth of a request.
+    api_access_log: bool = False
 
     # Access control. Both empty = authentication off (local/dev: anyone who reaches the API acts as
     # admin). Otherwise every request but /health, /metrics, the docs and /ui carries
@@ -90,6 +97,11 @@ class Settings(BaseSettings):
         except json.JSONDecodeError as e:
             raise ValueError(f'ALPIPE_LABELERS must be JSON such as {{"ada": {{"token": "...", "projects": '
                              f'["digits"]}}}}: {e}') from None
+
+
+def api_worker_count(settings: Settings) -> int:
+    """How many API worker processes to run: the setting, or one per core (at least 2, at most 8)."""
+    return settings.api_workers or max(2, min(os.cpu_count() or 1, 8))
 
 
 @lru_cache

@@ -98,12 +98,14 @@ def train_due(state: ProjectState, project: Project, *, labeled: int | None = No
     """
     if not embed_pass.is_complete(state.r, project):
         return False
-    labeled = state.counts()["labeled"] if labeled is None else labeled
-    unseen = labeled - state.model_labels()
-    return unseen >= project.query_size or (unseen >= 1 and state.forced_training_pending())
+    labeled = state.labeled_count() if labeled is None else labeled
+    model_labels, forced, _ = state.train_marks()
+    unseen = labeled - model_labels
+    return unseen >= project.query_size or (unseen >= 1 and forced is not None and forced > model_labels)
 
 
-def maybe_enqueue_train(r: redis.Redis, project: Project, *, settings: Settings | None = None) -> str | None:
+def maybe_enqueue_train(r: redis.Redis, project: Project, *, settings: Settings | None = None,
+                        labeled: int | None = None) -> str | None:
     """Enqueue one train job when training is due and no other one is queued; its job id, or None.
 
     Called by the API after labels are applied and by the trainer after a round. The project's
@@ -111,13 +113,15 @@ def maybe_enqueue_train(r: redis.Redis, project: Project, *, settings: Settings 
     one train job per project waiting; concurrent callers race on the slot, not on the queue.
     While a trainer holds the project's train lock nothing is queued: that trainer calls this
     again after releasing the lock, so labels applied before this call are never left behind.
+    labeled: the labeled count, when the caller has it (the API, right after applying labels).
     """
     settings = settings or get_settings()
     state = ProjectState(r, project.name)
-    labeled = state.counts()["labeled"]
-    if not train_due(state, project, labeled=labeled):
+    if labeled is None:
+        labeled = state.labeled_count()
+    if state.train_marks()[2]:  # queued or training: that job, or its trainer's next call, covers these labels
         return None
-    if r.exists(keys.train_lock_key(project.name)):
+    if not train_due(state, project, labeled=labeled):
         return None
     attempts_key = keys.train_attempts_key(project.name)
     attempt = int(r.hget(attempts_key, labeled) or 0) + 1
@@ -376,13 +380,18 @@ def reconcile(r: redis.Redis, store: ObjectStore, settings: Settings) -> dict:
 # --- workers ------------------------------------------------------------------------------------------
 
 
-def run_worker(kind: str, queue_name: str, r: redis.Redis, *, burst: bool = False, name: str | None = None) -> None:
+def run_worker(kind: str, queue_name: str, r: redis.Redis, *, burst: bool = False, name: str | None = None,
+               nice: int = 0) -> None:
     """Run an rq SimpleWorker on one queue until stopped (SIGTERM/SIGINT: finish the job, then exit).
 
     SimpleWorker runs jobs in this process, without fork: the loaded model and the tensor cache
     stay from one job to the next, and CUDA is never initialized in a parent that later forks.
+    nice: how much to lower this process's CPU priority (Settings.worker_nice).
     """
     from rq import SimpleWorker
+
+    if nice > 0:
+        os.nice(nice)
 
     worker = SimpleWorker([Queue(queue_name, connection=r)], connection=r,
                           name=name or f"{kind}-{socket.gethostname()}-{os.getpid()}")

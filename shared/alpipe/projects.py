@@ -21,6 +21,7 @@ import unicodedata
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,6 +31,7 @@ from pydantic import BaseModel, ValidationError
 from . import cold_start, embed_pass, keys
 from .config import Settings
 from .errors import NotFound, UserError
+from .label_commit import GroupCommit
 from .schemas import (
     Disagreement,
     Disagreements,
@@ -64,6 +66,8 @@ M = TypeVar("M", bound=BaseModel)
 # Redis pipelines and HMGETs go in chunks of this many samples, so a big import is a few round
 # trips without one giant command.
 _CHUNK = 5000
+# Label posts of this process share label-log writes (alpipe.label_commit).
+_GROUP_COMMIT = GroupCommit()
 
 
 # --- errors the API maps to status codes (all are UserErrors: the CLI prints them on one line) ----
@@ -235,6 +239,13 @@ def load_project(name: str, *, r: redis.Redis) -> Project:
     meta = ProjectState(r, name).meta()
     if meta is None:
         raise NotFound(f"project {name!r} not found")
+    return parse_project(meta)
+
+
+@lru_cache(maxsize=256)
+def parse_project(meta: str) -> Project:
+    """A registered project's JSON as a Project; every request reads it, and it rarely changes, so each
+    text is parsed once. Callers treat the Project as read-only (model_copy to change it)."""
     return Project.model_validate_json(meta)
 
 
@@ -484,16 +495,13 @@ def lease_queries(project: Project, *, n: int, labeler: str, ttl_s: float, r: re
     """The next n samples of the live ranking, leased to the caller under one new token."""
     now = time.time() if now is None else now
     token = secrets.token_urlsafe(16)  # no spaces: the lease owner is stored as "<token> <labeler>"
-    state = ProjectState(r, project.name)
-    version = state.live_version()
-    leased = state.lease(n, token=token, labeler=labeler, ttl_s=ttl_s, now=now)
-    # Guesses of ranked samples only: a random fill-in (score None) was not scored by this model.
-    ranked = [sid for sid, score in leased if score is not None]
-    guesses = dict(zip(ranked, model_guesses(state, project, version, ranked), strict=True))
-    return QueryOut(model_version=version, lease_token=token, expires_at=now + ttl_s,
+    # The version, the samples and the guesses come from one atomic read: never from two rankings.
+    # Guesses are of ranked samples only: a random fill-in (score None) was not scored by this model.
+    answer = ProjectState(r, project.name).lease_ranked(n, token=token, labeler=labeler, ttl_s=ttl_s, now=now)
+    return QueryOut(model_version=answer.version, lease_token=token, expires_at=now + ttl_s,
                     samples=[QuerySample(sample_id=sid, score=score, image_url=image_url(project.name, sid),
-                                         guess=guesses.get(sid))
-                             for sid, score in leased])
+                                         guess=_guess(project, found if answer.version else None))
+                             for sid, score, found in answer.samples])
 
 
 def release_leases(project: Project, body: LeaseRelease, *, r: redis.Redis) -> LeaseReleaseResult:
@@ -504,18 +512,19 @@ def release_leases(project: Project, body: LeaseRelease, *, r: redis.Redis) -> L
     return LeaseReleaseResult(released=released)
 
 
+def _guess(project: Project, found: tuple[int, float] | None) -> Guess | None:
+    """A stored guess (class index, probability) as an answer; None where there is none or it is not a class."""
+    if found is None or not 0 <= found[0] < len(project.classes):
+        return None
+    return Guess(label=project.classes[found[0]], confidence=min(1.0, max(0.0, found[1])))
+
+
 def model_guesses(state: ProjectState, project: Project, version: int | None,
                   sample_ids: list[str]) -> list[Guess | None]:
     """The served ranking's model's guess for each sample; None before the first model or where unscored."""
     if not version or not sample_ids:
         return [None] * len(sample_ids)
-    out: list[Guess | None] = []
-    for found in state.guesses(version, sample_ids):
-        if found is None or not 0 <= found[0] < len(project.classes):
-            out.append(None)
-        else:
-            out.append(Guess(label=project.classes[found[0]], confidence=min(1.0, max(0.0, found[1]))))
-    return out
+    return [_guess(project, found) for found in state.guesses(version, sample_ids)]
 
 
 def submit_labels(project: Project, batch: LabelBatch, *, store: ObjectStore, r: redis.Redis,
@@ -546,7 +555,9 @@ def submit_labels(project: Project, batch: LabelBatch, *, store: ObjectStore, r:
         tokens[item.sample_id] = item.lease_token
     ids = list(wanted)
 
-    splits = state.sample_splits(ids)
+    # One round trip reads what the checks below need: splits, leases, votes.
+    check = state.check_labels(ids, now=now)
+    splits = check.splits
     unknown = [sid for sid, split in zip(ids, splits, strict=True) if split is None]
     if unknown:  # the project (the URL) is there: a body naming what it does not have is unprocessable
         raise Invalid(f"sample {_name_list(unknown)} not found in project {project.name!r}")
@@ -559,7 +570,7 @@ def submit_labels(project: Project, batch: LabelBatch, *, store: ObjectStore, r:
     if bad:
         raise Invalid(f"label {', '.join(bad[:5])} is not a class of project {project.name!r}; "
                       f"allowed: {', '.join(project.classes)}")
-    holders = state.lease_holders(ids, now=now) if honor_leases else [None] * len(ids)
+    holders = check.holders if honor_leases else [None] * len(ids)
     taken = [(sid, holder[1]) for sid, holder in zip(ids, holders, strict=True)
              if holder is not None and holder[0] != tokens[sid]]
     if taken:
@@ -568,21 +579,24 @@ def submit_labels(project: Project, batch: LabelBatch, *, store: ObjectStore, r:
         raise Conflict(f"sample {sid!r} is leased to labeler {labeler!r}{more}; send the lease_token you got "
                        "with the query, or wait until the lease expires")
 
-    votes = []
-    for chunk in _chunks(ids):
-        votes.extend(state.votes(chunk))
-    new = [sid for sid, vote in zip(ids, votes, strict=True)
+    new = [sid for sid, vote in zip(ids, check.votes, strict=True)
            if (vote.get(labeler) or {}).get("label") != wanted[sid]]
     duplicates = repeated + len(ids) - len(new)
     if not new:
-        return LabelResult(accepted=0, duplicates=duplicates, labeled=state.counts()["labeled"])
-    batch_id = new_batch_id()
+        return LabelResult(accepted=0, duplicates=duplicates, labeled=state.labeled_count())
+    batch_id = new_batch_id()  # the request's batch; the label-log object its group lands in has its own id
     records = [LabelRecord(sample_id=sid, label=wanted[sid], labeler=labeler, at=now, batch=batch_id)
                for sid in new]
-    store.put_if_absent(keys.label_log_key(project.name, new_stamp(), batch_id), jsonl_bytes(records))
-    labeled = state.apply_labels([rec.model_dump() for rec in records])
-    state.count_applied()
-    trigger_training(r, project, settings=settings)
+
+    def write(group: list[LabelRecord]) -> int:
+        """One label-log object for the group (durable), then Redis: its votes and the applied count; then
+        a train job if the group made one due (once per group, not once per request)."""
+        store.put_if_absent(keys.label_log_key(project.name, new_stamp(), new_batch_id()), jsonl_bytes(group))
+        labeled = state.apply_labels([rec.model_dump() for rec in group], batches=1)
+        trigger_training(r, project, settings=settings, labeled=labeled)
+        return labeled
+
+    labeled = _GROUP_COMMIT.commit(project.name, records, write)
     return LabelResult(accepted=len(records), duplicates=duplicates, labeled=labeled)
 
 
@@ -612,18 +626,19 @@ def retract_label(project: Project, sample_id: str, *, labeler: str, store: Obje
     # Back in the cold-start ranking at its old place; a model's ranking gets it at the next scoring.
     rank = cold_start_score(project.seed, sample_id) if live == 0 else None
     labeled, [label] = state.apply_votes([record.model_dump()], relet=(token, labeler, now + lease_ttl_s),
-                                         rank_score=rank)
-    state.count_applied()
+                                         rank_score=rank, batches=1)
     leased = label is None and state.lease_holder(sample_id) == (token, labeler)
     return UndoResult(sample_id=sample_id, labeled=labeled, training_label=label,
                       lease_token=token if leased else None)
 
 
-def trigger_training(r: redis.Redis, project: Project, *, settings: Settings) -> str | None:
-    """Enqueue a train job when query_size new labels arrived (coalesced by the pipeline); its job id."""
+def trigger_training(r: redis.Redis, project: Project, *, settings: Settings,
+                     labeled: int | None = None) -> str | None:
+    """Enqueue a train job when query_size new labels arrived (coalesced by the pipeline); its job id.
+    labeled: the labeled count, when the caller has it."""
     from .pipeline import maybe_enqueue_train
 
-    return maybe_enqueue_train(r, project, settings=settings)
+    return maybe_enqueue_train(r, project, settings=settings, labeled=labeled)
 
 
 def request_training(r: redis.Redis, project: Project, *, settings: Settings) -> TrainRequestResult:

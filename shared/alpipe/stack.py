@@ -26,12 +26,15 @@ class LocalStack:
     """Start with `with LocalStack(settings, scorers=2) as stack:`; stack.api_url is then live."""
 
     def __init__(self, settings: Settings, *, scorers: int = 2, trainers: int = 1, port: int | None = None,
-                 echo: bool = True, extra_env: dict[str, str] | None = None, startup_timeout_s: float = 90.0):
-        if scorers < 1 or trainers < 1:
+                 echo: bool = True, extra_env: dict[str, str] | None = None, startup_timeout_s: float = 90.0,
+                 api_workers: int | None = None, workers_optional: bool = False):
+        # workers_optional: the API and Redis alone (the API bench); nothing trains or scores then.
+        if not workers_optional and (scorers < 1 or trainers < 1):
             raise ValueError("the stack needs at least one trainer and one scorer")
         self.settings = settings
         self.scorers = scorers
         self.trainers = trainers
+        self.api_workers = api_workers
         self.port = port or free_port()
         self.echo = echo
         self.extra_env = extra_env or {}
@@ -59,7 +62,10 @@ class LocalStack:
                 self.redis_url = self._start_redis()
             env = self._child_env()
             alpipe = [sys.executable, "-m", "alpipe.cli"]
-            self._spawn("api", [*alpipe, "api", "--host", "127.0.0.1", "--port", str(self.port)], env)
+            api = [*alpipe, "api", "--host", "127.0.0.1", "--port", str(self.port)]
+            if self.api_workers is not None:
+                api += ["--workers", str(self.api_workers)]
+            self._spawn("api", api, env)
             workers = [("trainer", i + 1) for i in range(self.trainers)]
             workers += [("scorer", i + 1) for i in range(self.scorers)]
             for kind, i in workers:
@@ -102,7 +108,7 @@ class LocalStack:
                     "PYTHONUNBUFFERED": "1"})
         if "ALPIPE_TORCH_THREADS" not in env and not self.settings.torch_threads:
             # N workers on N cores must not fight over threads.
-            per_worker = max(1, (os.cpu_count() or 1) // (self.scorers + self.trainers))
+            per_worker = max(1, (os.cpu_count() or 1) // max(1, self.scorers + self.trainers))
             env["ALPIPE_TORCH_THREADS"] = str(per_worker)
         env.update(self.extra_env)
         return env

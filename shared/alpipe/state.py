@@ -9,20 +9,32 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
+from dataclasses import dataclass
 
 import redis
+from redis.commands.core import Script
 
-from .keys import redis_key, shard_jobs_key, shard_plan_key
+from .keys import redis_key, shard_jobs_key, shard_plan_key, train_lock_key
 from .schemas import COLD_START_PICK_FLOOR
 
 PROJECTS_KEY = "alpipe:projects"
+_VOTES_CHUNK = 500  # votes read per HMGET: a 10,000-label import does not make one huge reply
+_WRITE_SLICE = 250  # samples per ranking write, so no single Redis command holds up labelers' requests
 
-# Leases the top n available samples of a ranking in one atomic step, so two labelers never
+# Leases the top n available samples of the live ranking in one atomic step, so two labelers never
 # get the same sample. Falls back to random pool members when the ranking runs dry (a pool_size
-# subsample covers only part of the pool). Returns a flat list: id, score, id, score, ...
+# subsample covers only part of the pool). The live version, the leased samples and the model's
+# guesses come from this one read, so an answer never mixes two rankings. The ranking and guess keys
+# are built here from the live version (ARGV[6] .. version, .. ':guess'); they share the project's
+# hash tag, so the script stays in one Redis Cluster slot.
+# KEYS: ranking_live, pool, leases, lease_owner. ARGV: n, now, expiry, owner, page, ranking key prefix.
+# Returns {live version or '', id, score, guess, id, score, guess, ...} (score and guess '' when none).
 _LEASE_LUA = """
 local n = tonumber(ARGV[1]); local now = tonumber(ARGV[2]); local expiry = tonumber(ARGV[3])
 local owner = ARGV[4]; local page = tonumber(ARGV[5])
+local live = redis.call('GET', KEYS[1])
+local ranking = ARGV[6] .. (live or 'none')
 local out = {}; local taken = {}
 local function try(id, score)
   if taken[id] then return end
@@ -36,7 +48,7 @@ local function try(id, score)
 end
 local start = 0
 while #out < 2 * n do
-  local page_ids = redis.call('ZREVRANGE', KEYS[1], start, start + page - 1, 'WITHSCORES')
+  local page_ids = redis.call('ZREVRANGE', ranking, start, start + page - 1, 'WITHSCORES')
   if #page_ids == 0 then break end
   for i = 1, #page_ids, 2 do
     try(page_ids[i], page_ids[i + 1])
@@ -50,7 +62,13 @@ if #out < 2 * n then
     if #out >= 2 * n then break end
   end
 end
-return out
+local answer = {live or ''}
+for i = 1, #out, 2 do
+  local guess = ''
+  if live and out[i + 1] ~= '' then guess = redis.call('HGET', ranking .. ':guess', out[i]) or '' end
+  table.insert(answer, out[i]); table.insert(answer, out[i + 1]); table.insert(answer, guess)
+end
+return answer
 """
 
 # Ends the leases that ARGV[1] ("<token> <labeler>") holds on the samples ARGV[2..]; leases of anyone
@@ -84,12 +102,15 @@ return 1
 # replay of the log (recovery) go through the same steps. A sample's votes are a JSON object
 # labeler -> {label, at}; its training label is a pure function of them (see `decide`), so equal
 # votes give equal labels however they came about. Recency is (at, labeler name), a total order.
-# KEYS: votes, labels, pool, leases, lease_owner, live ranking, labeler_votes, disputed
+# KEYS: votes, labels, pool, leases, lease_owner, ranking_live, labeler_votes, disputed, durable_applied
 # ARGV: policy ('latest' | 'majority'), JSON list of records {sample_id, label, labeler, at, retract},
 #       lease expiry and owner for a retraction that leaves a sample without votes ('' = none),
-#       its score in the live ranking ('' = leave it out of the ranking)
+#       its score in the live ranking ('' = leave it out of the ranking), the ranking key prefix (the
+#       live ranking's key is built here, as in _LEASE_LUA), how many durable batches this applies
 # Returns {labeled count, training label of each record's sample after it ('' = none)}.
 _APPLY_VOTES_LUA = """
+local ranking = ARGV[6] .. (redis.call('GET', KEYS[6]) or 'none')
+if tonumber(ARGV[7]) > 0 then redis.call('INCRBY', KEYS[9], ARGV[7]) end
 local policy = ARGV[1]
 local records = cjson.decode(ARGV[2])
 local lease_expiry, lease_owner, rank_score = ARGV[3], ARGV[4], ARGV[5]
@@ -149,14 +170,14 @@ for i, rec in ipairs(records) do
         redis.call('ZADD', KEYS[4], lease_expiry, sid)
         redis.call('HSET', KEYS[5], sid, lease_owner)
       end
-      if rank_score ~= '' then redis.call('ZADD', KEYS[6], rank_score, sid) end
+      if rank_score ~= '' then redis.call('ZADD', ranking, rank_score, sid) end
       out[i + 1] = ''
     else
       redis.call('HSET', KEYS[1], sid, cjson.encode(votes))
       redis.call('HSET', KEYS[2], sid, label)
       if distinct > 1 then redis.call('ZADD', KEYS[8], newest, sid) else redis.call('ZREM', KEYS[8], sid) end
       -- Out of the served ranking too, so leasing never walks over labeled samples.
-      redis.call('ZREM', KEYS[6], sid)
+      redis.call('ZREM', ranking, sid)
       redis.call('SREM', KEYS[3], sid)
       redis.call('ZREM', KEYS[4], sid)
       redis.call('HDEL', KEYS[5], sid)
@@ -188,6 +209,41 @@ return 0
 """
 
 
+_SCRIPT_TEXTS = {"lease": _LEASE_LUA, "release_leases": _RELEASE_LEASES_LUA, "apply_votes": _APPLY_VOTES_LUA,
+                 "shard_done": _SHARD_DONE_LUA, "delete_if_equal": _DELETE_IF_EQUAL_LUA,
+                 "delete_if_at_most": _DELETE_IF_AT_MOST_LUA, "raise_to": _RAISE_TO_LUA}
+_SCRIPTS: weakref.WeakKeyDictionary[redis.Redis, dict[str, Script]] = weakref.WeakKeyDictionary()
+
+
+def _scripts(r: redis.Redis) -> dict[str, Script]:
+    """The Lua scripts bound to a client, made once per client (a ProjectState is made per request)."""
+    found = _SCRIPTS.get(r)
+    if found is None:
+        found = {name: r.register_script(text) for name, text in _SCRIPT_TEXTS.items()}
+        _SCRIPTS[r] = found
+    return found
+
+
+@dataclass(frozen=True)
+class LeaseAnswer:
+    """What one lease call read and took: the live ranking version (None before any), and each leased
+    sample with its score (None for a random fill-in) and that ranking's guess ((class index,
+    probability), None where the model has none)."""
+
+    version: int | None
+    samples: list[tuple[str, float | None, tuple[int, float] | None]]
+
+
+@dataclass(frozen=True)
+class LabelCheck:
+    """What validating a label batch reads, in one round trip: each sample's split (None: not in the
+    project), its live lease holder ((token, labeler) or None) and its votes."""
+
+    splits: list[str | None]
+    holders: list[tuple[str, str] | None]
+    votes: list[dict[str, dict]]
+
+
 class ProjectState:
     """Redis operations of one project; every method is safe to repeat."""
 
@@ -196,13 +252,14 @@ class ProjectState:
         self.project = project
         # How votes become training labels; None: the registered project's (or 'latest').
         self.label_policy = label_policy
-        self._lease = r.register_script(_LEASE_LUA)
-        self._release_leases = r.register_script(_RELEASE_LEASES_LUA)
-        self._apply_votes = r.register_script(_APPLY_VOTES_LUA)
-        self._shard_done = r.register_script(_SHARD_DONE_LUA)
-        self._release_if = r.register_script(_DELETE_IF_EQUAL_LUA)
-        self._delete_if_at_most = r.register_script(_DELETE_IF_AT_MOST_LUA)
-        self._raise_to = r.register_script(_RAISE_TO_LUA)
+        scripts = _scripts(r)
+        self._lease = scripts["lease"]
+        self._release_leases = scripts["release_leases"]
+        self._apply_votes = scripts["apply_votes"]
+        self._shard_done = scripts["shard_done"]
+        self._release_if = scripts["delete_if_equal"]
+        self._delete_if_at_most = scripts["delete_if_at_most"]
+        self._raise_to = scripts["raise_to"]
 
     def key(self, *parts: object) -> str:
         return redis_key(self.project, *parts)
@@ -293,12 +350,26 @@ class ProjectState:
     def lease(self, n: int, *, token: str, labeler: str, ttl_s: float, now: float | None = None,
               page: int = 256) -> list[tuple[str, float | None]]:
         """Lease up to n samples from the top of the live ranking: [(sample_id, score or None)]."""
+        answer = self.lease_ranked(n, token=token, labeler=labeler, ttl_s=ttl_s, now=now, page=page)
+        return [(sid, score) for sid, score, _ in answer.samples]
+
+    def lease_ranked(self, n: int, *, token: str, labeler: str, ttl_s: float, now: float | None = None,
+                     page: int = 256) -> LeaseAnswer:
+        """Lease up to n samples from the top of the live ranking, with that ranking's version and guesses,
+        all read in one atomic step."""
         now = time.time() if now is None else now
-        live = self.live_version()
-        ranking = self.key("ranking", live if live is not None else "none")
-        flat = self._lease(keys=[ranking, self.key("pool"), self.key("leases"), self.key("lease_owner")],
-                           args=[n, now, now + ttl_s, f"{token} {labeler}", page])
-        return [(flat[i].decode(), float(flat[i + 1]) if flat[i + 1] else None) for i in range(0, len(flat), 2)]
+        flat = self._lease(keys=[self.key("ranking_live"), self.key("pool"), self.key("leases"),
+                                 self.key("lease_owner")],
+                           args=[n, now, now + ttl_s, f"{token} {labeler}", page, self.key("ranking", "")])
+        live = int(flat[0]) if flat[0] else None
+        samples = []
+        for i in range(1, len(flat), 3):
+            guess = None
+            if flat[i + 2]:
+                index, _, prob = flat[i + 2].decode().partition(" ")
+                guess = (int(index), float(prob))
+            samples.append((flat[i].decode(), float(flat[i + 1]) if flat[i + 1] else None, guess))
+        return LeaseAnswer(live, samples)
 
     def release(self, sample_ids: list[str], *, token: str, labeler: str) -> int:
         """End the leases held under token by labeler on sample_ids, at once; how many were ended."""
@@ -328,19 +399,26 @@ class ProjectState:
         """lease_holder for many samples in one round trip."""
         if not sample_ids:
             return []
-        now = time.time() if now is None else now
         pipe = self.r.pipeline()
         pipe.zmscore(self.key("leases"), sample_ids)
         pipe.hmget(self.key("lease_owner"), sample_ids)
         expiries, owners = pipe.execute()
-        out: list[tuple[str, str] | None] = []
-        for expiry, owner in zip(expiries, owners, strict=True):
-            if expiry is None or expiry <= now or owner is None:
-                out.append(None)
-                continue
-            token, _, labeler = owner.decode().partition(" ")
-            out.append((token, labeler))
-        return out
+        return _holders(expiries, owners, time.time() if now is None else now)
+
+    def check_labels(self, sample_ids: list[str], now: float | None = None) -> LabelCheck:
+        """Splits, live lease holders and votes of the samples of a label batch, in one round trip."""
+        if not sample_ids:
+            return LabelCheck([], [], [])
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hmget(self.key("samples"), sample_ids)
+        pipe.zmscore(self.key("leases"), sample_ids)
+        pipe.hmget(self.key("lease_owner"), sample_ids)
+        for chunk in range(0, len(sample_ids), _VOTES_CHUNK):
+            pipe.hmget(self.key("votes"), sample_ids[chunk:chunk + _VOTES_CHUNK])
+        splits, expiries, owners, *vote_chunks = pipe.execute()
+        votes = [json.loads(v) if v is not None else {} for chunk in vote_chunks for v in chunk]
+        return LabelCheck([v.decode() if v is not None else None for v in splits],
+                          _holders(expiries, owners, time.time() if now is None else now), votes)
 
     def labels(self) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in self.r.hgetall(self.key("labels")).items()}
@@ -357,35 +435,38 @@ class ProjectState:
             self.label_policy = json.loads(meta).get("label_policy", "latest") if meta else "latest"
         return self.label_policy
 
-    def apply_labels(self, records: list[dict]) -> int:
+    def apply_labels(self, records: list[dict], *, batches: int = 0) -> int:
         """Record labels already durable in object storage; returns the labeled count after.
 
         records are label-log records (LabelRecord dicts), votes and retractions, applied in order.
+        batches: how many label-log objects they are, counted as applied in the same step (count_applied).
         """
-        return self.apply_votes(records)[0]
+        return self.apply_votes(records, batches=batches)[0]
 
     def apply_votes(self, records: list[dict], *, relet: tuple[str, str, float] | None = None,
-                    rank_score: float | None = None) -> tuple[int, list[str | None]]:
+                    rank_score: float | None = None, batches: int = 0) -> tuple[int, list[str | None]]:
         """Apply label-log records in order, atomically: (labeled count, each record's sample's training label).
 
         A vote sets its labeler's vote on the sample; a retraction removes it. The training label
         follows the policy (latest: the most recent vote; majority: the most common label, ties to
         the most recent). A sample left without votes goes back to the unlabeled pool; with relet
         (token, labeler, expiry) it is leased to that labeler at once, and with rank_score it is put
-        back into the live ranking with that score.
+        back into the live ranking with that score. batches: as for apply_labels.
         """
         if not records:
+            if batches:
+                self.count_applied(batches)
             return int(self.r.hlen(self.key("labels"))), []
-        live = self.live_version()
-        ranking = self.ranking_key(live) if live is not None else self.key("ranking", "none")
         payload = json.dumps([{"sample_id": rec["sample_id"], "label": rec["label"], "labeler": rec["labeler"],
                                "at": float(rec["at"]), "retract": bool(rec.get("retract", False))}
                               for rec in records])
         lease_expiry, lease_owner = ("", "") if relet is None else (repr(float(relet[2])), f"{relet[0]} {relet[1]}")
         out = self._apply_votes(
             keys=[self.key("votes"), self.key("labels"), self.key("pool"), self.key("leases"),
-                  self.key("lease_owner"), ranking, self.key("labeler_votes"), self.key("disputed")],
-            args=[self._policy(), payload, lease_expiry, lease_owner, "" if rank_score is None else repr(rank_score)])
+                  self.key("lease_owner"), self.key("ranking_live"), self.key("labeler_votes"), self.key("disputed"),
+                  self.key("durable_applied")],
+            args=[self._policy(), payload, lease_expiry, lease_owner, "" if rank_score is None else repr(rank_score),
+                  self.key("ranking", ""), batches])
         return int(out[0]), [v.decode() or None for v in out[1:]]
 
     def votes(self, sample_ids: list[str]) -> list[dict[str, dict]]:
@@ -459,16 +540,23 @@ class ProjectState:
 
     def add_scores(self, version: int, scores: dict[str, float],
                    guesses: dict[str, tuple[int, float]] | None = None) -> None:
-        """Add a shard's scores to ranking `version`, with the model's guesses (class index, probability)."""
-        if not scores and not guesses:
-            return
-        pipe = self.r.pipeline()  # MULTI: a sample's score and its guess land together
-        if scores:
-            pipe.zadd(self.ranking_key(version), scores)
-        if guesses:
-            pipe.hset(self.guess_key(version), mapping={sid: f"{int(c)} {float(p):.6f}"
-                                                        for sid, (c, p) in guesses.items()})
-        pipe.execute()
+        """Add a shard's scores to ranking `version`, with the model's guesses (class index, probability).
+
+        In slices of _WRITE_SLICE samples: one 2,000-member ZADD holds Redis for milliseconds, and every
+        labeler's request waits behind it. The ranking is read only once live (all shards done)."""
+        guesses = guesses or {}
+        ids = list(dict.fromkeys([*scores, *guesses]))
+        for start in range(0, len(ids), _WRITE_SLICE):
+            part = ids[start:start + _WRITE_SLICE]
+            pipe = self.r.pipeline()  # MULTI: a sample's score and its guess land together
+            slice_scores = {sid: scores[sid] for sid in part if sid in scores}
+            if slice_scores:
+                pipe.zadd(self.ranking_key(version), slice_scores)
+            slice_guesses = {sid: f"{int(guesses[sid][0])} {float(guesses[sid][1]):.6f}" for sid in part
+                             if sid in guesses}
+            if slice_guesses:
+                pipe.hset(self.guess_key(version), mapping=slice_guesses)
+            pipe.execute()
 
     def guesses(self, version: int, sample_ids: list[str]) -> list[tuple[int, float] | None]:
         """The model's (class index, probability) for each sample in ranking `version`, None where unknown."""
@@ -513,7 +601,8 @@ class ProjectState:
     def drop_rankings_before(self, version: int) -> None:
         """Older rankings are never served again once a newer one is live."""
         for old in range(max(0, version - 50), version):
-            self.r.delete(self.ranking_key(old), self.key("ranking", old, "done"), self.guess_key(old),
+            # UNLINK: Redis frees a big ranking in the background instead of between two requests.
+            self.r.unlink(self.ranking_key(old), self.key("ranking", old, "done"), self.guess_key(old),
                           self.key("ranking", old, "n_shards"), shard_plan_key(self.project, old),
                           shard_jobs_key(self.project, old))
 
@@ -540,6 +629,18 @@ class ProjectState:
         version, labels, live = self.r.mget(self.key("model_version"), self.key("model_labels"),
                                             self.key("ranking_live"))
         return int(version or 0), int(labels or 0), int(live) if live is not None else None
+
+    def labeled_count(self) -> int:
+        return int(self.r.hlen(self.key("labels")))
+
+    def train_marks(self) -> tuple[int, int | None, bool]:
+        """What deciding on a train job reads, in one round trip: (the current model's labels, the
+        labels a pending forced-training request covers or None, whether a train job is queued or
+        a trainer holds the project)."""
+        model_labels, forced, queued, locked = self.r.mget(
+            self.key("model_labels"), self.key("train_forced"), self.key("train_queued"), train_lock_key(self.project))
+        return (int(model_labels or 0), int(forced) if forced is not None else None,
+                queued is not None or locked is not None)
 
     def model_labels(self) -> int:
         value = self.r.get(self.key("model_labels"))
@@ -585,6 +686,18 @@ class ProjectState:
         for key in self.r.scan_iter(match=redis_key(self.project, "*")):
             self.r.delete(key)
         self.r.srem(PROJECTS_KEY, self.project)
+
+
+def _holders(expiries: list, owners: list, now: float) -> list[tuple[str, str] | None]:
+    """(token, labeler) of each live lease (ZMSCORE of leases, HMGET of lease_owner), None where none."""
+    out: list[tuple[str, str] | None] = []
+    for expiry, owner in zip(expiries, owners, strict=True):
+        if expiry is None or expiry <= now or owner is None:
+            out.append(None)
+            continue
+        token, _, labeler = owner.decode().partition(" ")
+        out.append((token, labeler))
+    return out
 
 
 def project_names(r: redis.Redis) -> list[str]:

@@ -145,6 +145,15 @@ class LocalStore(ObjectStore):
         return path
 
     @staticmethod
+    def _fsync_dir(folder: Path) -> None:
+        """Flush a directory's entries (a rename or link is durable only once its directory is)."""
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
     def _write_temp(folder: Path, data: bytes) -> str:
         """A complete, fsynced temporary file in folder (removed again if writing it fails)."""
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
@@ -167,6 +176,7 @@ class LocalStore(ObjectStore):
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
+            self._fsync_dir(path.parent)
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         with self._io():
@@ -175,6 +185,7 @@ class LocalStore(ObjectStore):
             try:
                 # link() fails when the target exists: an atomic create-if-absent of a complete file.
                 os.link(tmp, path)
+                self._fsync_dir(path.parent)  # the new name survives a power loss too: acknowledged = durable
                 return True
             except FileExistsError:
                 return False

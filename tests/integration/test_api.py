@@ -439,10 +439,10 @@ def test_labels_are_durable_before_redis_and_the_answer(client: TestClient, stor
     seen_at_apply: list[tuple[list[str], int]] = []
     real_apply = ProjectState.apply_labels
 
-    def apply_after_log(self, records):
+    def apply_after_log(self, records, **kwargs):
         # The log object must already be there, and training is triggered only after Redis has the labels.
         seen_at_apply.append((label_log(store, "pets"), len(train_calls)))
-        return real_apply(self, records)
+        return real_apply(self, records, **kwargs)
 
     monkeypatch.setattr(ProjectState, "apply_labels", apply_after_log)
     labels = [{"sample_id": sid, "label": CLASSES[i], "lease_token": query["lease_token"]}

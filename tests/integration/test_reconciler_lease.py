@@ -37,8 +37,10 @@ def two_apis(settings_for, local: ObjectStore, tmp_path: Path):
     for i in range(2):
         port = free_port()
         log = (tmp_path / f"api{i}.log").open("wb")
+        # One worker process each: two replicas, whose pids the lease names (test_api_workers.py has one
+        # server of several worker processes).
         procs.append(subprocess.Popen([sys.executable, "-m", "alpipe.cli", "api", "--host", "127.0.0.1", "--port",
-                                       str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       str(port), "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
         urls.append(f"http://127.0.0.1:{port}")
     try:

@@ -167,7 +167,7 @@ def test_a_durable_label_survives_a_crash_before_redis(settings_for, local_store
         query = client.get("/projects/pets/queries", params={"n": 1}).json()
         sid, token = query["samples"][0]["sample_id"], query["lease_token"]
 
-        def redis_dies(self, records):
+        def redis_dies(self, records, **kwargs):
             raise redis.ConnectionError("connection lost")
 
         monkeypatch.setattr(ProjectState, "apply_labels", redis_dies)
