@@ -3,6 +3,10 @@
 The clients are made once per app (in the lifespan, see main.py) and handed to routes through
 `Annotated[..., Depends(...)]` aliases; the core functions get them as keyword arguments.
 
+Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency in its thread pool,
+and a thread-pool round trip per dependency was most of a request's CPU (see the README's benchmarks).
+The ones that talk to Redis or storage (get_project; get_store the first time) stay off the event loop.
+
 Access control (alpipe.access): `require_authentication` runs for every route of the app and
 answers 401 unless the request carries a known bearer token (or the route is public, or
 authentication is off). Routes then ask for what they need:
@@ -22,6 +26,7 @@ from typing import Annotated
 
 import redis
 from fastapi import Depends, HTTPException, Request, Security
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from alpipe import access
@@ -51,6 +56,10 @@ class Clients:
         self._store: ObjectStore | None = None
         self._lock = threading.Lock()
 
+    def opened_store(self) -> ObjectStore | None:
+        """The store when it is open already (no I/O), else None."""
+        return self._store
+
     def store(self) -> ObjectStore:
         with self._lock:
             if self._store is None:
@@ -61,27 +70,29 @@ class Clients:
         self.redis.close()
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_clients(request: Request) -> Clients:
+async def get_clients(request: Request) -> Clients:
     return request.app.state.clients
 
 
-def get_redis(request: Request) -> redis.Redis:
-    return get_clients(request).redis
+async def get_redis(request: Request) -> redis.Redis:
+    return request.app.state.clients.redis
 
 
-def get_store(request: Request) -> ObjectStore:
+async def get_store(request: Request) -> ObjectStore:
+    clients: Clients = request.app.state.clients
     try:
-        return get_clients(request).store()
+        # Opening the store checks (or makes) its bucket: I/O, once per process, off the event loop.
+        return clients.opened_store() or await run_in_threadpool(clients.store)
     except Exception as e:  # bucket check or creation failed: the store is unreachable or refuses us
         raise HTTPException(503, f"object storage is unavailable: {e.__class__.__name__}: {e}",
                             headers={"Retry-After": "2"}) from None
 
 
-def get_metrics(request: Request) -> ApiMetrics:
+async def get_metrics(request: Request) -> ApiMetrics:
     return request.app.state.metrics
 
 
@@ -138,8 +149,8 @@ def bearer_or_basic_token(request: Request) -> str | None:
     return None
 
 
-def get_principal(request: Request, settings: SettingsDep,
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> Principal:
+async def get_principal(request: Request, settings: SettingsDep,
+                        credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> Principal:
     """The caller of the request (401 for a missing or unknown token; the dev principal when auth is off)."""
     cached = getattr(request.state, "principal", None)
     if cached is not None:
@@ -157,19 +168,20 @@ def get_principal(request: Request, settings: SettingsDep,
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def require_authentication(request: Request, settings: SettingsDep,
-                           credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> None:
+async def require_authentication(request: Request, settings: SettingsDep,
+                                 credentials: Annotated[HTTPAuthorizationCredentials | None,
+                                                        Security(_bearer)]) -> None:
     """App-wide: every route but the public ones needs a known token (when authentication is on)."""
     if is_public(_route_path(request) or request.url.path):
         return
-    get_principal(request, settings, credentials)
+    await get_principal(request, settings, credentials)
 
 
 def _action(request: Request) -> str:
     return f"{request.method} {_route_path(request) or request.url.path}"
 
 
-def require_admin(request: Request, principal: PrincipalDep) -> Principal:
+async def require_admin(request: Request, principal: PrincipalDep) -> Principal:
     """The caller, when it is the admin; 403 for a labeler."""
     access.require_admin(principal, _action(request))
     return principal
@@ -178,7 +190,7 @@ def require_admin(request: Request, principal: PrincipalDep) -> Principal:
 AdminDep = Annotated[Principal, Depends(require_admin)]
 
 
-def require_project_access(name: str, principal: PrincipalDep) -> Principal:
+async def require_project_access(name: str, principal: PrincipalDep) -> Principal:
     """The caller, when it may access the project named in the path; 403 otherwise."""
     access.require_project(principal, name)
     return principal
