@@ -54,11 +54,13 @@ test-fast: setup
 
 # The label-efficiency bench's peer column runs baal's own loop (bench/peer_baal.py). Installed without
 # its declared dependencies: baal 2.1.0 also declares jupyter (about 60 packages) that the bench never imports.
-BENCH_DEPS := baal==2.1.0 structlog==22.3.0 torchmetrics==1.9.0 lightning-utilities==0.15.3
+# py-spy profiles an API worker in bench.api_load.
+BENCH_DEPS := baal==2.1.0 structlog==22.3.0 torchmetrics==1.9.0 lightning-utilities==0.15.3 py-spy==0.4.3
 bench: setup
 	$(BIN)/pip install --quiet --no-deps $(BENCH_DEPS)
 	$(BIN)/python -m bench.label_efficiency
 	$(BIN)/python -m bench.services
+	$(BIN)/python -m bench.api_load
 	$(BIN)/python -m bench.embeddings
 
 # The services under faults (bench/chaos.py): 20 labelers, 100 faults of every kind on each backend, the

@@ -8,12 +8,15 @@ Three parts, on mnist5k projects imported through the API:
 2. **Flat out, closed loop**, the API and Redis alone (no workers): POST /labels of one label each (a
    program importing labels), the lease+label cycle, and GET /health; on the local store and on the S3
    backend (moto's server, the tests' S3).
-3. A **profile** of the label path (`--profile`): py-spy on one API worker during part 2's labels.
+3. A **profile** of one API worker process during the flat-out lease+label cycle: py-spy (a bench-only
+   dependency, `make bench` installs it) samples the threads that hold the GIL, and the table sums
+   them by package and by alpipe function: where a request's CPU goes.
 
-Baseline: the same load on one API worker process (the default before `--workers`). The load
-generator (bench/loadgen.py) runs in its own process.
+Baselines, in the same run: part 1, one API process with the workers at the API's CPU priority (as
+before `--workers` and `ALPIPE_WORKER_NICE`); part 2, one API worker process. The load generator
+(bench/loadgen.py) runs in a process of its own.
 
-    python -m bench.api_load [--parts 1,2] [--quick]
+    python -m bench.api_load [--parts 1,2,3] [--duration-s 30] [--backends local,s3]
 """
 
 from __future__ import annotations
@@ -179,16 +182,67 @@ def part_flat_out(tmp: Path, args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def part_profile(tmp: Path, args: argparse.Namespace) -> list[str]:
+    """py-spy --gil on one API worker during the flat-out cycle: GIL samples by package and by our function."""
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        return ["\n[3] profile: py-spy is not installed (pip install py-spy); skipped"]
+    lines = [f"\n[3] where an API worker's CPU goes: py-spy --gil, flat-out cycle, {args.clients} clients, 1 worker"]
+    with stack(tmp, "profile", api_workers=1) as running:
+        target = target_for(running, tmp)
+        name, _ = new_project(target, query_size=10_000)
+        raw = tmp / "profile.txt"
+        seconds = max(3, int(args.duration_s / 2))
+        sampler = subprocess.Popen([spy, "record", "--gil", "-r", "97", "-d", str(seconds), "-f", "raw", "-o",
+                                    str(raw), "-p", str(running.procs["api"].pid)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        result = run(loadgen.Scenario(running.api_url, "cycle", args.clients, seconds, project=name,
+                                      oracle=target.oracle, warmup_s=0.5))
+        sampler.wait(seconds + 60)
+        lines.append(row("during the profile", result, ["GET /queries", "POST /labels"]))
+    by_package, by_function, total = profile_tables(raw)
+    lines.append(f"    {total} samples with the GIL held; own time by package:")
+    lines += [f"      {share:6.1%}  {name}" for name, share in by_package[:10]]
+    lines.append("    alpipe and services functions, time including what they call:")
+    lines += [f"      {share:6.1%}  {name}" for name, share in by_function[:12]]
+    return lines
+
+
+def profile_tables(raw: Path) -> tuple[list[tuple[str, float]], list[tuple[str, float]], int]:
+    """From py-spy's raw output (one 'frame;frame;... count' line per stack): own samples by package, and
+    inclusive samples of our own functions, as shares of all samples."""
+    from collections import Counter
+
+    own: Counter[str] = Counter()
+    ours: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines() if raw.exists() else []:
+        stack, _, count = line.rpartition(" ")
+        frames, n = stack.split(";"), int(count)
+        total += n
+        where = frames[-1].rpartition("(")[2]
+        package = next((p for p in ("alpipe", "services", "fastapi", "starlette", "pydantic", "anyio", "uvicorn",
+                                    "redis", "asyncio", "prometheus_client", "threading", "json") if p in where),
+                       "other")
+        own[package] += n
+        for name in {f.partition(" (")[0] + " (" + f.rpartition("(")[2].split(":")[0].rpartition("/")[2] + ")"
+                     for f in frames if "alpipe/" in f or "services/" in f}:
+            ours[name] += n
+    shares = lambda c: [(k, v / total) for k, v in c.most_common()] if total else []  # noqa: E731
+    return shares(own), shares(ours), total
+
+
 def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")  # the dataset progress bars would bury the tables
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="1,2")
+    parser.add_argument("--parts", default="1,2,3")
     parser.add_argument("--workers", type=int, default=api_worker_count(Settings(_env_file=None)),
                         help="API worker processes measured against 1 (default: alpipe's default)")
     parser.add_argument("--labelers", type=int, default=50)
     parser.add_argument("--clients", type=int, default=32, help="closed-loop clients of part 2")
     parser.add_argument("--health-clients", type=int, default=64)
-    parser.add_argument("--duration-s", type=float, default=10.0)
+    parser.add_argument("--duration-s", type=float, default=30.0,
+                        help="seconds of load per measurement (p99 of a 30 s open-loop run rests on ~15 requests)")
     parser.add_argument("--backends", default="local,s3")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
@@ -203,9 +257,12 @@ def main() -> None:
             lines += part_human_pace(tmp, args)
         if 2 in parts:
             lines += part_flat_out(tmp, args)
+        if 3 in parts:
+            lines += part_profile(tmp, args)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\n{'=' * 30} API load: summary {'=' * 30}")
     print("\n".join(lines))
 
 

@@ -8,10 +8,10 @@ in the same run (timings are printed, never asserted):
    model load and decoding inside the timing) and warm (long-lived workers, caches filled);
 3. round turnaround through the local stack (redis-server, API, trainer, 2 scorers): label POST
    until the new ranking is live, split into train, score and orchestration;
-4. GET /queries and POST /labels latency under concurrent clients vs GET /health under the same load.
+The API under load (closed and open loop, several worker processes) is bench/api_load.py.
 
 Everything lives in a temporary directory (a redis-server of its own for parts 1-2, LocalStack's
-for parts 3-4). `--quick` shrinks every part.
+for part 3). `--quick` shrinks every part.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -631,7 +630,7 @@ def print_scaling(res: dict[str, list[ScaleRun]], n_images: int, args: argparse.
               "new version, so its checkpoint load is inside, decoding is not.")
 
 
-# --- parts 3 and 4: the local stack over HTTP -----------------------------------------------------------
+# --- part 3: the local stack over HTTP -----------------------------------------------------------
 
 
 class Api:
@@ -776,140 +775,15 @@ def print_rounds(rounds: list[RoundTimes], imported: dict, args: argparse.Namesp
           "-> seen live by the client (20 ms polling). Round 0 has cold worker caches.")
 
 
-@dataclass
-class LoadRun:
-    clients: int
-    iterations: int
-    queries_ms: list[float]
-    labels_ms: list[float]
-    health_ms: list[float]
-    errors: list[str]
-    label_wall_s: float  # the query+label run, first request to last answer
-    health_wall_s: float  # the /health run
-    queries_first: list[float]  # GET /queries of the first quarter of iterations (all clients)
-    queries_last: list[float]  # ... and of the last quarter
-
-
-def _run_clients(n: int, body: Callable[[int, httpx.Client], None], base_url: str) -> float:
-    """n threads, each with its own httpx.Client (connection opened before the start), released at once."""
-    barrier = threading.Barrier(n + 1)
-    errors: list[BaseException] = []
-
-    def target(i: int) -> None:
-        with httpx.Client(base_url=base_url, timeout=120.0) as client:
-            client.get("/health")
-            barrier.wait()
-            try:
-                body(i, client)
-            except BaseException as e:  # reported after the join
-                errors.append(e)
-
-    threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for t in threads:
-        t.join()
-    if errors:
-        raise RuntimeError(f"{len(errors)} client(s) failed; first: {errors[0]!r}")
-    return time.perf_counter() - started
-
-
-def load_run(base_url: str, project: str, oracle: dict[str, str], *, clients: int, iterations: int) -> LoadRun:
-    """/health first (2 x iterations per client: as many requests as a labeler makes), then the labelers."""
-    queries: list[list[float]] = [[] for _ in range(clients)]
-    labels: list[list[float]] = [[] for _ in range(clients)]
-    health: list[list[float]] = [[] for _ in range(clients)]
-    errors: list[str] = []
-    lock = threading.Lock()
-
-    def failed(what: str) -> None:
-        with lock:
-            errors.append(what)
-
-    def labeler(i: int, client: httpx.Client) -> None:
-        for _ in range(iterations):
-            t0 = time.perf_counter()
-            q = client.get(f"/projects/{project}/queries", params={"n": 1, "labeler": f"c{i}"})
-            queries[i].append((time.perf_counter() - t0) * 1000)
-            if q.status_code != 200 or not q.json()["samples"]:
-                failed(f"queries: {q.status_code} {q.text[:200]}")
-                continue
-            body = q.json()
-            sample = body["samples"][0]["sample_id"]
-            t1 = time.perf_counter()
-            p = client.post(f"/projects/{project}/labels", json={
-                "labels": [{"sample_id": sample, "label": oracle[sample], "lease_token": body["lease_token"]}],
-                "labeler": f"c{i}"})
-            labels[i].append((time.perf_counter() - t1) * 1000)
-            if p.status_code != 200:
-                failed(f"labels: {p.status_code} {p.text[:200]}")
-
-    def prober(i: int, client: httpx.Client) -> None:
-        for _ in range(2 * iterations):
-            t0 = time.perf_counter()
-            h = client.get("/health")
-            health[i].append((time.perf_counter() - t0) * 1000)
-            if h.status_code != 200:
-                failed(f"health: {h.status_code}")
-
-    health_s = _run_clients(clients, prober, base_url)
-    label_s = _run_clients(clients, labeler, base_url)
-    quarter = max(1, iterations // 4)
-    flat = lambda rows: [v for row in rows for v in row]  # noqa: E731
-    return LoadRun(clients, iterations, flat(queries), flat(labels), flat(health), errors, label_s, health_s,
-                   flat(q[:quarter] for q in queries), flat(q[-quarter:] for q in queries))
-
-
-def part_latency(stack: LocalStack, api: Api, oracle: dict[str, str], classes: list[str],
-                 args: argparse.Namespace) -> tuple[LoadRun, LoadRun, dict]:
-    name = f"bench-latency-{uuid.uuid4().hex[:6]}"
-    imported = create_http_project(api, name, classes=classes, query_size=args.latency_query_size, stop=args.stop,
-                                   dataset=DATASET)
-    single = load_run(stack.api_url, name, oracle, clients=1, iterations=args.iterations)
-    loaded = load_run(stack.api_url, name, oracle, clients=args.clients, iterations=args.iterations)
-    return single, loaded, imported
-
-
-def print_latency(single: LoadRun, loaded: LoadRun, imported: dict, args: argparse.Namespace) -> None:
-    n = loaded.clients
-    print(f"\n[4] API latency (ms): {n} concurrent clients (threads in this process, one httpx.Client each), each "
-          f"{loaded.iterations} x (GET /queries?n=1, then POST /labels of that sample);\n    baseline: GET /health, "
-          f"{2 * loaded.iterations} per client, same threads, run just before; '1 client' = the same, sequential. "
-          f"Pool {imported['pool']}, query_size {args.latency_query_size}")
-    print(f"    {'request':<24}{'1 client p50':>13}{'p99':>7}  |{f'{n} clients p50':>15}{'p99':>8}{'max':>8}"
-          f"{'req/s':>8}")
-    rows = [("GET /health (baseline)", single.health_ms, loaded.health_ms,
-             len(loaded.health_ms) / loaded.health_wall_s),
-            ("GET /queries?n=1", single.queries_ms, loaded.queries_ms,
-             (len(loaded.queries_ms) + len(loaded.labels_ms)) / loaded.label_wall_s),
-            ("POST /labels (1 label)", single.labels_ms, loaded.labels_ms, None)]
-    for label, one, many, rate in rows:
-        print(f"    {label:<24}{fmt(pct(one, 50), '.1f', 13)}{fmt(pct(one, 99), '.1f', 7)}  |"
-              f"{fmt(pct(many, 50), '.1f', 15)}{fmt(pct(many, 99), '.1f', 8)}"
-              f"{fmt(max(many) if many else None, '.0f', 8)}{fmt(rate, '.0f', 8)}")
-    print("    (req/s of the labeling run counts queries and labels together)")
-    print(f"    GET /queries p50 under load, first vs last {max(1, loaded.iterations // 4)} iterations of every "
-          f"client: {pct(loaded.queries_first, 50):.1f} vs {pct(loaded.queries_last, 50):.1f}")
-    errors = single.errors + loaded.errors
-    if errors:
-        print(f"    {len(errors)} error answer(s); first: {errors[0]}")
-    labels = (single.clients * single.iterations) + (loaded.clients * loaded.iterations)
-    if args.latency_query_size > labels:
-        print(f"    no training during the run ({labels} labels < query_size {args.latency_query_size}): the "
-              "cold-start ranking is served; trainer and scorers idle")
-
-
 # --- main -----------------------------------------------------------------------------------------------
 
 
 def main() -> None:
     defaults = Settings(_env_file=None)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller everything (pool 2000, fewer repeats/rounds/"
-                                                             "clients): about 2 minutes instead of 3")
-    parser.add_argument("--parts", default="1,2,3,4", help="which parts to run, e.g. 1,3")
+    parser.add_argument("--quick", action="store_true", help="smaller everything (pool 2000, fewer repeats and "
+                                                             "rounds): about 2 minutes instead of 3")
+    parser.add_argument("--parts", default="1,2,3", help="which parts to run, e.g. 1,3")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for part 1 (both sides)")
     parser.add_argument("--batch-size", type=int, default=defaults.score_batch_size, help="score batch size")
     parser.add_argument("--shard-size", type=int, default=defaults.shard_size, help="pool samples per score job")
@@ -922,10 +796,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="part 3: rounds after the first model")
     parser.add_argument("--stop", default="no_improvement", help="training stop rule of the HTTP projects")
     parser.add_argument("--round-timeout-s", type=float, default=300.0)
-    parser.add_argument("--clients", type=int, default=50, help="part 4: concurrent clients")
-    parser.add_argument("--iterations", type=int, default=20, help="part 4: query+label iterations per client")
-    parser.add_argument("--latency-query-size", type=int, default=10_000,
-                        help="part 4: the project's query_size (10000 = never trains during the run)")
     parser.add_argument("--cache-dir", type=Path, help="keep the materialized dataset PNGs here between runs")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, store) and print its path")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -936,8 +806,6 @@ def main() -> None:
             args.shard_size = args.pool_limit // 2  # still two shards, so that two workers can share them
         args.repeats = min(args.repeats, 2)
         args.rounds = min(args.rounds, 2)
-        args.clients = min(args.clients, 20)
-        args.iterations = min(args.iterations, 10)
         if args.stop == "no_improvement":
             args.stop = "epochs:3"
     parts = {int(p) for p in args.parts.split(",") if p.strip()}
@@ -977,7 +845,7 @@ def main() -> None:
                     print_scaling(res2, len(fx.pool_ids), args)
                     printers.append(lambda: print_scaling(res2, len(fx.pool_ids), args))
                 r.close()
-        if parts & {3, 4}:
+        if 3 in parts:
             settings = Settings(_env_file=None, data_dir=tmp / "stack", redis_url="")
             extra = {"ALPIPE_SHARD_SIZE": str(args.shard_size), "ALPIPE_SCORE_BATCH_SIZE": str(args.batch_size),
                      "ALPIPE_DEVICE": "cpu", "ALPIPE_S3_ENDPOINT": "", "ALPIPE_TEST_SCORE_DELAY_S": "0",
@@ -994,11 +862,6 @@ def main() -> None:
                         res3, imported = part_rounds(stack, api, oracle, manifest.classes, args)
                         print_rounds(res3, imported, args)
                         printers.append(lambda: print_rounds(res3, imported, args))
-                    if 4 in parts:
-                        log.info("part 4: %d clients x %d iterations", args.clients, args.iterations)
-                        single, loaded, imported4 = part_latency(stack, api, oracle, manifest.classes, args)
-                        print_latency(single, loaded, imported4, args)
-                        printers.append(lambda: print_latency(single, loaded, imported4, args))
                     stack.check_alive()
                 finally:
                     api.close()

@@ -14,7 +14,7 @@ Recovery, export and the Redis-restart check read a grouped object like any othe
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from .schemas import LabelRecord
@@ -39,14 +39,14 @@ Writer = Callable[[list[LabelRecord]], int]
 
 
 class GroupCommit:
-    """One per process; keyed by project, so projects never wait on each other."""
+    """One per process; keyed by project (any hashable key naming one), so projects never wait on each other."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._queued: dict[str, list[_Waiter]] = {}
-        self._writing: set[str] = set()
+        self._queued: dict[Hashable, list[_Waiter]] = {}
+        self._writing: set[Hashable] = set()
 
-    def commit(self, project: str, records: list[LabelRecord], write: Writer) -> int:
+    def commit(self, project: Hashable, records: list[LabelRecord], write: Writer) -> int:
         """Make records durable and applied together with whatever else is queued for the project;
         returns the labeled count after the write that carried them. Raises that write's error."""
         me = _Waiter(records)

@@ -596,7 +596,8 @@ def submit_labels(project: Project, batch: LabelBatch, *, store: ObjectStore, r:
         trigger_training(r, project, settings=settings, labeled=labeled)
         return labeled
 
-    labeled = _GROUP_COMMIT.commit(project.name, records, write)
+    # Grouped per project and per store and Redis client (one process may serve several of them: tests do).
+    labeled = _GROUP_COMMIT.commit((id(store), id(r), project.name), records, write)
     return LabelResult(accepted=len(records), duplicates=duplicates, labeled=labeled)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,12 @@ def make_project(admin: httpx.Client) -> Callable[..., DigitProject]:
             assert response.status_code == 201, response.text
             if split == "pool":
                 project.truth[response.json()["sample_id"]] = label
+        # The cold-start order is settled before a page opens: a scorer finishing it mid-test would reorder
+        # the ranking under the page (workers run at a lower CPU priority, so on a busy machine it comes late).
+        deadline = time.monotonic() + 120
+        while admin.get(f"/projects/{name}").json()["cold_start"] == "pending":
+            assert time.monotonic() < deadline, f"{name}: the cold-start order is still pending after 120 s"
+            time.sleep(0.1)
         return project
 
     return make

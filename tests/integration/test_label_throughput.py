@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -215,10 +216,17 @@ def test_health_probes_in_flight_answer_every_request_that_arrives_meanwhile(mon
     async def burst() -> list[dict]:
         return await asyncio.gather(*(probe.check() for _ in range(50)))
 
-    answers = asyncio.run(burst())
+    answers = run_in_fresh_loop(burst())
     assert len(calls) == 1 and all(a["status"] == "ok" for a in answers)
-    asyncio.run(probe.check())  # the next request after it finished starts a new probe
+    run_in_fresh_loop(probe.check())  # the next request after it finished starts a new probe
     assert len(calls) == 2
+
+
+def run_in_fresh_loop(coroutine):
+    """asyncio.run in a thread of its own: this test process may have an event loop running already (the
+    browser tests' Playwright leaves one)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result(timeout=60)
 
 
 def test_health_says_which_part_is_down(redis_url: str, tmp_path: Path) -> None:
