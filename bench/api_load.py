@@ -28,7 +28,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,10 +39,11 @@ import redis
 
 from alpipe.config import Settings, api_worker_count
 from alpipe.data import load_dataset, materialize_builtin
-from alpipe.procs import free_port
+from alpipe.procs import free_port, stop_process
 from alpipe.stack import LocalStack
 from alpipe.state import ProjectState
 from alpipe.storage import LocalStore
+from tests.helpers import http_answers, wait_until
 
 from . import loadgen
 
@@ -91,15 +91,7 @@ def stack(tmp: Path, tag: str, *, api_workers: int, scorers: int = 0, trainers: 
         port = free_port()
         moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("moto did not start") from None
-                time.sleep(0.2)
+        wait_until(lambda: http_answers(f"http://127.0.0.1:{port}/moto-api/"), timeout=60, what="moto", proc=moto)
         env.update(ALPIPE_S3_ENDPOINT=f"127.0.0.1:{port}", ALPIPE_S3_ACCESS_KEY="bench",
                    ALPIPE_S3_SECRET_KEY="bench-secret", ALPIPE_S3_BUCKET="bench")
     datasets = root / "datasets"
@@ -111,8 +103,7 @@ def stack(tmp: Path, tag: str, *, api_workers: int, scorers: int = 0, trainers: 
             yield running
     finally:
         if moto is not None:
-            moto.terminate()
-            moto.wait(10)
+            stop_process(moto)
 
 
 def target_for(running: LocalStack, tmp: Path) -> Target:

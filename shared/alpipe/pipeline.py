@@ -42,7 +42,7 @@ from . import cold_start, embed_pass, keys
 from .config import Settings, get_settings
 from .errors import NotFound, StoreUnavailable
 from .schemas import Project, ScoreJob, TrainJob
-from .state import ProjectState, project_names
+from .state import ProjectState, TrainMarks, project_names
 from .storage import ObjectStore
 from .strategies import subsample_pool
 from .work import (  # noqa: F401  (re-exported: the orchestration's public names stay here)
@@ -88,9 +88,11 @@ def score_heartbeat(r: redis.Redis, project: str, version: int, shard: int, *, t
 # --- training ---------------------------------------------------------------------------------------
 
 
-def train_due(state: ProjectState, project: Project, *, labeled: int | None = None) -> bool:
+def train_due(state: ProjectState, project: Project, *, labeled: int | None = None,
+              marks: TrainMarks | None = None) -> bool:
     """query_size labels arrived since the current model's labels, or any new label while a
-    training request (POST /projects/{p}/train) is pending. labeled: the count, when read already.
+    training request (POST /projects/{p}/train) is pending. labeled and marks: the count and the
+    train marks, when read already.
 
     The one rule for the API, the reconciler and the trainer; the request lives in Redis (not in a
     job), so it survives a trainer that dies with the job. A project in embedding mode trains
@@ -99,9 +101,9 @@ def train_due(state: ProjectState, project: Project, *, labeled: int | None = No
     if not embed_pass.is_complete(state.r, project):
         return False
     labeled = state.labeled_count() if labeled is None else labeled
-    model_labels, forced, _ = state.train_marks()
-    unseen = labeled - model_labels
-    return unseen >= project.query_size or (unseen >= 1 and forced is not None and forced > model_labels)
+    marks = marks or state.train_marks()
+    unseen = labeled - marks.model_labels
+    return unseen >= project.query_size or (unseen >= 1 and marks.forced_pending)
 
 
 def maybe_enqueue_train(r: redis.Redis, project: Project, *, settings: Settings | None = None,
@@ -119,9 +121,10 @@ def maybe_enqueue_train(r: redis.Redis, project: Project, *, settings: Settings 
     state = ProjectState(r, project.name)
     if labeled is None:
         labeled = state.labeled_count()
-    if state.train_marks()[2]:  # queued or training: that job, or its trainer's next call, covers these labels
+    marks = state.train_marks()
+    if marks.busy:  # queued or training: that job, or its trainer's next call, covers these labels
         return None
-    if not train_due(state, project, labeled=labeled):
+    if not train_due(state, project, labeled=labeled, marks=marks):
         return None
     attempts_key = keys.train_attempts_key(project.name)
     attempt = int(r.hget(attempts_key, labeled) or 0) + 1

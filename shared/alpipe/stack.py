@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .config import Settings
+from .config import Settings, api_worker_count
 from .procs import die_with_parent, find_redis_server, free_port, stop_process
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class LocalStack:
         self.settings = settings
         self.scorers = scorers
         self.trainers = trainers
-        self.api_workers = api_workers
+        self.api_workers = api_workers or api_worker_count(settings)
         self.port = port or free_port()
         self.echo = echo
         self.extra_env = extra_env or {}
@@ -62,10 +62,8 @@ class LocalStack:
                 self.redis_url = self._start_redis()
             env = self._child_env()
             alpipe = [sys.executable, "-m", "alpipe.cli"]
-            api = [*alpipe, "api", "--host", "127.0.0.1", "--port", str(self.port)]
-            if self.api_workers is not None:
-                api += ["--workers", str(self.api_workers)]
-            self._spawn("api", api, env)
+            self._spawn("api", [*alpipe, "api", "--host", "127.0.0.1", "--port", str(self.port),
+                                "--workers", str(self.api_workers)], env)
             workers = [("trainer", i + 1) for i in range(self.trainers)]
             workers += [("scorer", i + 1) for i in range(self.scorers)]
             for kind, i in workers:
@@ -74,8 +72,9 @@ class LocalStack:
         except BaseException:
             self.stop()
             raise
-        log.info("stack ready: API %s (docs %s/docs), redis %s, %d trainer(s), %d scorer(s), logs in %s",
-                 self.api_url, self.api_url, self.redis_url, self.trainers, self.scorers, self.log_dir)
+        log.info("stack ready: API %s (docs %s/docs, %d worker processes), redis %s, %d trainer(s), %d scorer(s), "
+                 "logs in %s", self.api_url, self.api_url, self.api_workers, self.redis_url, self.trainers,
+                 self.scorers, self.log_dir)
         return self.api_url
 
     def stop(self) -> None:

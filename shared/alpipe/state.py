@@ -235,6 +235,21 @@ class LeaseAnswer:
 
 
 @dataclass(frozen=True)
+class TrainMarks:
+    """The current model's labels, the labels a pending forced-training request covers (None: none), and
+    whether a train job is queued or a trainer holds the project."""
+
+    model_labels: int
+    forced: int | None
+    busy: bool
+
+    @property
+    def forced_pending(self) -> bool:
+        """A forced-training request covers labels the current model has not seen."""
+        return self.forced is not None and self.forced > self.model_labels
+
+
+@dataclass(frozen=True)
 class LabelCheck:
     """What validating a label batch reads, in one round trip: each sample's split (None: not in the
     project), its live lease holder ((token, labeler) or None) and its votes."""
@@ -362,13 +377,8 @@ class ProjectState:
                                  self.key("lease_owner")],
                            args=[n, now, now + ttl_s, f"{token} {labeler}", page, self.key("ranking", "")])
         live = int(flat[0]) if flat[0] else None
-        samples = []
-        for i in range(1, len(flat), 3):
-            guess = None
-            if flat[i + 2]:
-                index, _, prob = flat[i + 2].decode().partition(" ")
-                guess = (int(index), float(prob))
-            samples.append((flat[i].decode(), float(flat[i + 1]) if flat[i + 1] else None, guess))
+        samples = [(flat[i].decode(), float(flat[i + 1]) if flat[i + 1] else None, _parse_guess(flat[i + 2]))
+                   for i in range(1, len(flat), 3)]
         return LeaseAnswer(live, samples)
 
     def release(self, sample_ids: list[str], *, token: str, labeler: str) -> int:
@@ -385,15 +395,7 @@ class ProjectState:
 
     def lease_holder(self, sample_id: str, now: float | None = None) -> tuple[str, str] | None:
         """(token, labeler) of a live lease on the sample, None when it is not leased."""
-        now = time.time() if now is None else now
-        expiry = self.r.zscore(self.key("leases"), sample_id)
-        if expiry is None or expiry <= now:
-            return None
-        owner = self.r.hget(self.key("lease_owner"), sample_id)
-        if owner is None:
-            return None
-        token, _, labeler = owner.decode().partition(" ")
-        return token, labeler
+        return self.lease_holders([sample_id], now)[0]
 
     def lease_holders(self, sample_ids: list[str], now: float | None = None) -> list[tuple[str, str] | None]:
         """lease_holder for many samples in one round trip."""
@@ -562,14 +564,7 @@ class ProjectState:
         """The model's (class index, probability) for each sample in ranking `version`, None where unknown."""
         if not sample_ids:
             return []
-        out: list[tuple[int, float] | None] = []
-        for raw in self.r.hmget(self.guess_key(version), sample_ids):
-            if raw is None:
-                out.append(None)
-                continue
-            index, _, prob = raw.decode().partition(" ")
-            out.append((int(index), float(prob)))
-        return out
+        return [_parse_guess(raw) for raw in self.r.hmget(self.guess_key(version), sample_ids)]
 
     def ranking_places(self, version: int, sample_ids: list[str]) -> tuple[list[tuple[float, int] | None], int]:
         """([(score, place from the top) or None where unranked] for each sample, the ranking's size)."""
@@ -633,14 +628,12 @@ class ProjectState:
     def labeled_count(self) -> int:
         return int(self.r.hlen(self.key("labels")))
 
-    def train_marks(self) -> tuple[int, int | None, bool]:
-        """What deciding on a train job reads, in one round trip: (the current model's labels, the
-        labels a pending forced-training request covers or None, whether a train job is queued or
-        a trainer holds the project)."""
+    def train_marks(self) -> TrainMarks:
+        """What deciding on a train job reads, in one round trip (see TrainMarks)."""
         model_labels, forced, queued, locked = self.r.mget(
             self.key("model_labels"), self.key("train_forced"), self.key("train_queued"), train_lock_key(self.project))
-        return (int(model_labels or 0), int(forced) if forced is not None else None,
-                queued is not None or locked is not None)
+        return TrainMarks(int(model_labels or 0), int(forced) if forced is not None else None,
+                          queued is not None or locked is not None)
 
     def model_labels(self) -> int:
         value = self.r.get(self.key("model_labels"))
@@ -672,11 +665,6 @@ class ProjectState:
         """
         self._raise_to(keys=[self.key("train_forced")], args=[labeled])
 
-    def forced_training_pending(self) -> bool:
-        """True while a forced-training request covers labels the current model has not seen."""
-        requested, model_labels = self.r.mget(self.key("train_forced"), self.key("model_labels"))
-        return requested is not None and int(requested) > int(model_labels or 0)
-
     def clear_forced_training(self, trained_on: int) -> None:
         """A model on `trained_on` labels answers every forced request up to that many labels."""
         self._delete_if_at_most(keys=[self.key("train_forced")], args=[trained_on])
@@ -686,6 +674,14 @@ class ProjectState:
         for key in self.r.scan_iter(match=redis_key(self.project, "*")):
             self.r.delete(key)
         self.r.srem(PROJECTS_KEY, self.project)
+
+
+def _parse_guess(raw: bytes | None) -> tuple[int, float] | None:
+    """A stored guess, "<class index> <probability>", as a tuple; None for a missing or empty one."""
+    if not raw:
+        return None
+    index, _, prob = raw.decode().partition(" ")
+    return int(index), float(prob)
 
 
 def _holders(expiries: list, owners: list, now: float) -> list[tuple[str, str] | None]:

@@ -488,13 +488,13 @@ def test_a_train_request_outlives_its_lost_job(client: TestClient, store: Object
               for s in query["samples"]]
     assert client.post("/projects/pets/labels", json={"labels": labels, "labeler": "ann"}).status_code == 200
     state = ProjectState(redis_client, "pets")
-    assert not state.forced_training_pending()
+    assert not state.train_marks().forced_pending
 
     first = client.post("/projects/pets/train")
     assert first.status_code == 202
     assert first.json() == {"job_id": "train-pets-n3", "labeled": 3, "model_labels": 0}
     assert client.post("/projects/pets/train").json()["job_id"] is None  # coalesced with the queued one
-    assert state.forced_training_pending()
+    assert state.train_marks().forced_pending
 
     Job.fetch("train-pets-n3", connection=redis_client).delete()  # gone with its worker
     settings = client.app.state.settings
@@ -504,7 +504,7 @@ def test_a_train_request_outlives_its_lost_job(client: TestClient, store: Object
     # A model on those 3 labels answers the request: nothing is due any more.
     state.set_model(1, 3, json.dumps({"model_version": 1, "n_labeled": 3}))
     state.clear_forced_training(3)
-    assert not state.forced_training_pending()
+    assert not state.train_marks().forced_pending
     assert not pipeline.train_due(state, pipeline.load_project(store, "pets"))
 
 

@@ -190,12 +190,13 @@ def test_worker_processes_share_one_port_and_report_one_set_of_metrics(api_serve
     assert metric(httpx.get(f"{url}/metrics").text, "alpipe_reconciler_leading") == 1.0
 
 
-def test_workers_below_one_is_refused(settings_for, local: ObjectStore) -> None:
+@pytest.mark.parametrize("command", [["api", "--workers", "0"], ["up", "--api-workers", "0"]])
+def test_workers_below_one_is_refused(settings_for, local: ObjectStore, command: list[str]) -> None:
     env = {**os.environ, **env_for(settings_for(local))}
-    done = subprocess.run([sys.executable, "-m", "alpipe.cli", "api", "--workers", "0"], env=env,
+    done = subprocess.run([sys.executable, "-m", "alpipe.cli", *command], env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert "--workers must be at least 1" in done.stderr
+    assert f"{command[1]} must be at least 1" in done.stderr
 
 
 # --- /health ----------------------------------------------------------------------------------------

@@ -446,7 +446,7 @@ def test_trainer_killed_mid_fit_leaves_no_partial_model(redis_url, redis_client,
     assert pointer["version"] == 2 and pointer["n_labeled"] == total
     assert [p["model_version"] for p in setup.state.curve()] == [1, 2]
     # The model answered the request: nothing is due any more.
-    assert not setup.state.forced_training_pending()
+    assert not setup.state.train_marks().forced_pending
     assert not pipeline.train_due(setup.state, setup.project)
 
 
