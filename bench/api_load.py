@@ -201,7 +201,7 @@ def part_profile(tmp: Path, args: argparse.Namespace) -> list[str]:
 
 
 # What every request runs inside (the entry point, the latency middleware): not where its time goes.
-_ENTRY_FRAMES = {"<module> (cli.py)", "main (cli.py)", "cmd_api (cli.py)", "serve (main.py)",
+_ENTRY_FRAMES = {"<module> (cli.py)", "main (cli.py)", "cmd_api (commands.py)", "serve (main.py)",
                  "LatencyMiddleware.__call__ (metrics.py)"}
 
 

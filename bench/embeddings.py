@@ -30,6 +30,7 @@ import torch
 from rq import Queue, SimpleWorker
 
 from alpipe import embed_pass, keys
+from alpipe.api_client import ApiClient
 from alpipe.config import Settings
 from alpipe.data import ingest_folder, load_dataset, materialize_builtin, photo_patches, write_image_folder
 from alpipe.embeddings import EMBED_DTYPE, EmbeddingCache, backbone_identity, encode_embedding, load_backbone
@@ -43,7 +44,6 @@ from alpipe.storage import LocalStore
 from alpipe.tensor_cache import TensorCache
 from alpipe.training import TrainConfig
 from bench.services import (
-    Api,
     fmt,
     label_queries,
     print_summary,
@@ -171,15 +171,15 @@ def part_turnaround(tmp: Path, args: argparse.Namespace) -> tuple[list, dict, fl
              "ALPIPE_TEST_TRAIN_EPOCH_DELAY_S": "0"}
     rounds = []
     with LocalStack(settings, scorers=1, trainers=1, echo=args.verbose, extra_env=extra) as stack:
-        api = Api(stack.api_url)
+        api = ApiClient(stack.api_url, timeout_s=120.0)
         r = redis.Redis.from_url(stack.redis_url)
         try:
             name = f"bench-photos-{uuid.uuid4().hex[:6]}"
-            api.call("POST", "/projects", json={"name": name, "classes": manifest.classes, "strategy": "margin",
+            api.json("POST", "/projects", json={"name": name, "classes": manifest.classes, "strategy": "margin",
                                                 "query_size": 10, "input_size": args.turnaround_size})
-            imported = api.call("POST", f"/projects/{name}/samples/import", json={"dataset": str(folder)})
+            imported = api.json("POST", f"/projects/{name}/samples/import", json={"dataset": str(folder)})
             started = time.perf_counter()
-            while not (api.call("GET", f"/projects/{name}")["embedding"] or {}).get("complete"):
+            while not (api.json("GET", f"/projects/{name}")["embedding"] or {}).get("complete"):
                 time.sleep(0.5)
             pass_s = time.perf_counter() - started
             log.info("part 3: pass over %d images in %.1fs", imported["pool"] + imported["test"], pass_s)

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import numpy as np
 import redis
 import torch
@@ -43,6 +42,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
 from alpipe import keys, pipeline
+from alpipe.api_client import ApiClient
 from alpipe.checkpoints import checkpoint_bytes
 from alpipe.config import Settings
 from alpipe.data import load_dataset, materialize_builtin, stratified_split
@@ -633,44 +633,31 @@ def print_scaling(res: dict[str, list[ScaleRun]], n_images: int, args: argparse.
 # --- part 3: the local stack over HTTP -----------------------------------------------------------
 
 
-class Api:
-    def __init__(self, base_url: str, timeout_s: float = 120.0):
-        self.http = httpx.Client(base_url=base_url, timeout=timeout_s)
-
-    def call(self, method: str, path: str, **kwargs) -> dict:
-        response = self.http.request(method, path, **kwargs)
-        if response.status_code >= 400:
-            raise RuntimeError(f"{method} {path}: {response.status_code} {response.text[:500]}")
-        return response.json()
-
-    def close(self) -> None:
-        self.http.close()
-
-
-def create_http_project(api: Api, name: str, *, classes: list[str], query_size: int, stop: str,
+def create_http_project(api: ApiClient, name: str, *, classes: list[str], query_size: int, stop: str,
                         dataset: str) -> dict:
-    api.call("POST", "/projects", json={"name": name, "classes": classes, "strategy": "margin",
+    api.json("POST", "/projects", json={"name": name, "classes": classes, "strategy": "margin",
                                         "query_size": query_size, "model": MODEL, "pretrained": False,
                                         "training": {"stop": stop}, "seed": 0})
-    return api.call("POST", f"/projects/{name}/samples/import", json={"dataset": dataset})
+    return api.json("POST", f"/projects/{name}/samples/import", json={"dataset": dataset})
 
 
-def label_queries(api: Api, project: str, oracle: dict[str, str], n: int, labeler: str = "bench") -> tuple[int, float]:
+def label_queries(api: ApiClient, project: str, oracle: dict[str, str], n: int,
+                  labeler: str = "bench") -> tuple[int, float]:
     """Query n samples and post their true labels; (labeled count after, time.time() just before the POST)."""
-    queries = api.call("GET", f"/projects/{project}/queries", params={"n": n, "labeler": labeler})
+    queries = api.json("GET", f"/projects/{project}/queries", params={"n": n, "labeler": labeler})
     answers = [{"sample_id": s["sample_id"], "label": oracle[s["sample_id"]], "lease_token": queries["lease_token"]}
                for s in queries["samples"]]
     posted = time.time()
-    result = api.call("POST", f"/projects/{project}/labels", json={"labels": answers, "labeler": labeler})
+    result = api.json("POST", f"/projects/{project}/labels", json={"labels": answers, "labeler": labeler})
     return result["labeled"], posted
 
 
-def wait_for_live_model(api: Api, project: str, *, n_labeled: int, after_version: int, timeout_s: float) -> dict:
+def wait_for_live_model(api: ApiClient, project: str, *, n_labeled: int, after_version: int, timeout_s: float) -> dict:
     last: dict = {}
 
     def ready() -> bool:
         nonlocal last
-        last = api.call("GET", f"/projects/{project}")
+        last = api.json("GET", f"/projects/{project}")
         model = last["model"]
         return (model["version"] > after_version and model["n_labeled"] >= n_labeled
                 and last["live_ranking_version"] == model["version"])
@@ -726,7 +713,7 @@ def round_times(r: redis.Redis, project: str, info: dict, *, round_no: int, labe
                       None if last is None else info["seen_at"] - last, n_shards)
 
 
-def part_rounds(stack: LocalStack, api: Api, oracle: dict[str, str], classes: list[str],
+def part_rounds(stack: LocalStack, api: ApiClient, oracle: dict[str, str], classes: list[str],
                 args: argparse.Namespace) -> tuple[list[RoundTimes], dict]:
     r = redis.Redis.from_url(stack.redis_url)
     name = f"bench-rounds-{uuid.uuid4().hex[:6]}"
@@ -852,7 +839,7 @@ def main() -> None:
                      "ALPIPE_TEST_TRAIN_EPOCH_DELAY_S": "0"}
             log.info("starting the local stack (%.0fs so far)", time.perf_counter() - started)
             with LocalStack(settings, scorers=2, echo=args.verbose, extra_env=extra) as stack:
-                api = Api(stack.api_url)
+                api = ApiClient(stack.api_url, timeout_s=120.0)
                 try:
                     # Ingested here (untimed) into the stack's store; the API's imports then find it there.
                     manifest = load_dataset(DATASET, store=LocalStore(tmp / "stack" / "store"),

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import Request
-from starlette.datastructures import FormData
+from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from alpipe.projects import Invalid, TooLarge
@@ -39,3 +40,31 @@ async def parse_capped_form(request: Request, *, max_bytes: int, too_large: TooL
                                      max_fields=10, max_part_size=FORM_OVERHEAD).parse()
     except MultiPartException as e:
         raise Invalid(f"malformed multipart body: {e}") from None
+
+
+@dataclass
+class FormFile:
+    """The file of a multipart form and the form's text fields (empty ones left out)."""
+
+    data: bytes
+    filename: str | None
+    fields: dict[str, str]
+
+
+async def read_form_file(request: Request, *, max_bytes: int, too_large: TooLarge, what: str) -> FormFile:
+    """The multipart field `file` (at most max_bytes) and the other fields; `what` names the file in errors."""
+    form = await parse_capped_form(request, max_bytes=max_bytes, too_large=too_large)
+    try:
+        file = form.get("file")
+        if not isinstance(file, UploadFile):
+            raise Invalid(f"missing {what}: send it in the multipart form field 'file'")
+        data = await file.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise too_large
+        fields: dict[str, str] = {}
+        for key, value in form.multi_items():
+            if isinstance(value, str) and value:
+                fields.setdefault(key, value)  # the first, as form.get gives
+        return FormFile(data=data, filename=file.filename, fields=fields)
+    finally:
+        await form.close()

@@ -10,13 +10,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from starlette.datastructures import UploadFile
 
 from alpipe import export
 from alpipe.export import ExportFormat, LabelImportResult
 from alpipe.projects import Invalid, TooLarge
 
-from .bodies import capped_stream, check_declared_length, parse_capped_form
+from .bodies import capped_stream, check_declared_length, read_form_file
 from .deps import MetricsDep, ProjectDep, RedisDep, SettingsDep, StoreDep, require_admin
 
 router = APIRouter()
@@ -63,16 +62,7 @@ async def _read_csv(request: Request, *, max_bytes: int) -> str:
     """The CSV text: the multipart field `file`, or the whole body (text/csv); never more than max_bytes."""
     too_large = TooLarge(f"CSV larger than the limit of {max_bytes} bytes (ALPIPE_MAX_UPLOAD_BYTES)")
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        form = await parse_capped_form(request, max_bytes=max_bytes, too_large=too_large)
-        try:
-            file = form.get("file")
-            if not isinstance(file, UploadFile):
-                raise Invalid("missing the CSV: send it in the multipart form field 'file'")
-            data = await file.read(max_bytes + 1)
-        finally:
-            await form.close()
-        if len(data) > max_bytes:
-            raise too_large
+        data = (await read_form_file(request, max_bytes=max_bytes, too_large=too_large, what="the CSV")).data
     else:
         check_declared_length(request, max_bytes, too_large)
         data = b"".join([chunk async for chunk in capped_stream(request, max_bytes, too_large)])

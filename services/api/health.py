@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from alpipe import keys
+from alpipe import records
 
 from .deps import Clients
 
@@ -25,7 +25,7 @@ def probe(clients: Clients) -> dict[str, Any]:
         out["redis"] = f"unreachable: {e.__class__.__name__}: {e}"
     try:
         store = clients.store()
-        store.exists(keys.health_probe_key())
+        records.probe(store)
         out["store_location"] = store.describe()
     except Exception as e:
         out["store"] = f"unreachable: {e.__class__.__name__}: {e}"

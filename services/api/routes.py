@@ -9,10 +9,9 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.convertors import StringConvertor, register_url_convertor
-from starlette.datastructures import UploadFile
 
 from alpipe import access, projects
-from alpipe.projects import Invalid, NotAnImage, TooLarge
+from alpipe.projects import NotAnImage, TooLarge
 from alpipe.schemas import (
     CurvePointOut,
     ImportRequest,
@@ -31,7 +30,7 @@ from alpipe.schemas import (
     UploadResult,
 )
 
-from .bodies import parse_capped_form
+from .bodies import read_form_file
 from .deps import MetricsDep, PrincipalDep, ProjectDep, RedisDep, SettingsDep, StoreDep, require_admin
 
 router = APIRouter()
@@ -109,20 +108,9 @@ async def _read_upload(request: Request, *, max_bytes: int) -> _Upload:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise NotAnImage("send the image as multipart/form-data in the field 'file'")
     too_large = TooLarge(f"upload larger than the limit of {max_bytes} bytes (ALPIPE_MAX_UPLOAD_BYTES)")
-    form = await parse_capped_form(request, max_bytes=max_bytes, too_large=too_large)
-    try:
-        file = form.get("file")
-        if not isinstance(file, UploadFile):
-            raise Invalid("missing the image: send it in the multipart form field 'file'")
-        data = await file.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise too_large
-        label, split = form.get("label"), form.get("split")
-        return _Upload(data=data, filename=file.filename,
-                       label=label if isinstance(label, str) and label else None,
-                       split=split if isinstance(split, str) and split else "pool")
-    finally:
-        await form.close()
+    form = await read_form_file(request, max_bytes=max_bytes, too_large=too_large, what="the image")
+    return _Upload(data=form.data, filename=form.filename, label=form.fields.get("label"),
+                   split=form.fields.get("split", "pool"))
 
 
 _UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {

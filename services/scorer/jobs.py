@@ -16,7 +16,7 @@ from alpipe.config import Settings, get_settings
 from alpipe.embeddings import EmbeddingCache
 from alpipe.errors import UserError
 from alpipe.labelstudio import sync as labelstudio_sync
-from alpipe.pipeline import load_project
+from alpipe.records import read_project
 from alpipe.schemas import EmbedJob, ScoreJob
 from alpipe.storage import ObjectStore, open_store
 from alpipe.tensor_cache import TensorCache
@@ -84,7 +84,7 @@ def embed_shard(payload: dict) -> dict:
 def cold_start(payload: dict) -> dict:
     """rq job: move TypiClust's picks to the top of a project's cold-start ranking."""
     ctx = context()
-    project = load_project(ctx.store, payload["project"])
+    project = read_project(ctx.store, payload["project"])
     result = scoring.order_cold_start(project, r=ctx.redis, store=ctx.store, tensors=ctx.tensors,
                                       embeddings=ctx.embeddings)
     labelstudio_sync.enqueue_push(ctx.store, ctx.redis, project.name, settings=ctx.settings)

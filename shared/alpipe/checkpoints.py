@@ -1,9 +1,5 @@
-"""Model checkpoints in object storage: immutable versions and the "current model" pointer.
-
-A checkpoint is the plain dict of alpipe.training.make_checkpoint, saved with torch.save under
-keys.checkpoint_key(p, N), written once (put_if_absent) and never changed. The pointer
-keys.current_model_key(p) is `{"version": N, "n_labeled": L, "key": <checkpoint key>}` and is
-written only after the checkpoint it names is complete.
+"""Model checkpoints as bytes and back: the plain dict of alpipe.training.make_checkpoint, saved with
+torch.save. Where they live, the model pointer and publishing a version are alpipe.records'.
 """
 
 from __future__ import annotations
@@ -14,9 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import keys
+from . import records
 from .embeddings import BackboneIdentity, build_head
-from .errors import NotFound
 from .model_specs import model_spec
 from .models import ModelSpec, build_model
 from .storage import ObjectStore
@@ -43,21 +38,8 @@ def checkpoint_bytes(checkpoint: dict) -> bytes:
 
 def read_checkpoint(store: ObjectStore, key: str) -> dict:
     """The checkpoint dict at key, tensors on the CPU (weights_only: a checkpoint is plain data)."""
-    return torch.load(io.BytesIO(store.get_bytes(key)), map_location="cpu", weights_only=True)
-
-
-def read_pointer(store: ObjectStore, project: str) -> dict | None:
-    """The current-model pointer, None before the first model."""
-    try:
-        return store.get_json(keys.current_model_key(project))
-    except NotFound:
-        return None
-
-
-def stored_versions(store: ObjectStore, project: str) -> list[int]:
-    """Versions that have a checkpoint object, ascending (complete ones: writes are atomic)."""
-    found = (keys.checkpoint_version(key) for key in store.list(keys.models_prefix(project)))
-    return sorted(v for v in found if v is not None)
+    return torch.load(io.BytesIO(records.read_checkpoint_bytes(store, key)), map_location="cpu",
+                      weights_only=True)
 
 
 def model_from_checkpoint(checkpoint: dict, *, project: str, device: torch.device) -> LoadedModel:

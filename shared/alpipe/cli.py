@@ -5,39 +5,45 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
-from .config import api_worker_count, get_settings
+from .config import get_settings
 from .errors import UserError
 from .strategies import COLD_STARTS
+from .train_config import TrainConfig, TrainOptions
 
 log = logging.getLogger("alpipe")
+
+# Entry points in this group are functions that add subcommands to `alpipe` (pyproject.toml: the services').
+COMMANDS_GROUP = "alpipe.commands"
+
+
+# The TrainOptions fields `alpipe simulate` has a flag for (--max-epochs for max_epochs); type, default and help
+# come from the model, so the CLI, the API and the trainer cannot drift apart.
+TRAINING_FLAGS = ("stop", "patience", "max_epochs", "holdout", "lr", "momentum", "weight_decay", "batch_size")
+# On-by-default fields get a switch that turns them off: field -> (switch, as in --no-augment, its help).
+TRAINING_SWITCHES = {"warm_start": ("reset", "train from scratch each round instead of warm-starting"),
+                     "augment": ("no_augment", "no random shifts while training")}
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--stop", default="no_improvement",
-                   help="stopping rule: no_improvement (held-out accuracy) or epochs:N (default %(default)s)")
-    g.add_argument("--patience", type=int, default=5, help="epochs without improvement before stopping")
-    g.add_argument("--max-epochs", type=int, default=30, help="cap for no_improvement")
-    g.add_argument("--holdout", choices=("labeled", "test"), default="labeled",
-                   help="no_improvement watches a validation split carved from the labels (default) "
-                        "or the test set (the tutorial's exact behaviour)")
-    g.add_argument("--lr", type=float, default=0.01)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--reset", action="store_true", help="train from scratch each round instead of warm-starting")
-    g.add_argument("--no-augment", action="store_true", help="no random shifts while training")
+    for name in TRAINING_FLAGS:
+        field = TrainOptions.model_fields[name]
+        choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
+        kind = field.annotation if field.annotation in (int, float) else None
+        g.add_argument(f"--{name.replace('_', '-')}", type=kind, choices=choices, default=field.default,
+                       help=field.description)
+    for switch, help_text in TRAINING_SWITCHES.values():
+        g.add_argument(f"--{switch.replace('_', '-')}", action="store_true", help=help_text)
 
 
-def _train_config(args: argparse.Namespace):
-    from .training import TrainConfig
-
-    return TrainConfig(stop=args.stop, patience=args.patience, max_epochs=args.max_epochs,
-                       holdout=args.holdout, lr=args.lr, momentum=args.momentum,
-                       weight_decay=args.weight_decay, batch_size=args.batch_size,
-                       warm_start=not args.reset, augment=not args.no_augment)
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    flags = {name: getattr(args, name) for name in TRAINING_FLAGS}
+    switches = {name: not getattr(args, switch) for name, (switch, _) in TRAINING_SWITCHES.items()}
+    return TrainConfig(**flags, **switches)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -113,27 +119,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_api(args: argparse.Namespace) -> int:
-    from services.api.main import serve
-
-    settings = get_settings()
-    if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers must be at least 1, not {args.workers}")
-    workers = args.workers or api_worker_count(settings)
-    serve(host=args.host or settings.api_host, port=args.port or settings.api_port, workers=workers,
-          access_log=settings.api_access_log)
-    return 0
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    if args.kind == "trainer":
-        from services.trainer.worker import main as run_worker
-    else:
-        from services.scorer.worker import main as run_worker
-    run_worker(get_settings(), burst=args.burst, name=args.name)
-    return 0
-
-
 def cmd_recover(args: argparse.Namespace) -> int:
     import json
 
@@ -174,7 +159,8 @@ def cmd_label(args: argparse.Namespace) -> int:
     import os
     import tempfile
 
-    from .label_cli import ApiSession, ImageSaver, LabelSession, system_opener
+    from .api_client import ApiClient
+    from .label_cli import ImageSaver, LabelSession, system_opener
 
     if args.batch < 1:
         raise UserError("--batch must be at least 1")
@@ -191,7 +177,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     except (KeyError, OSError):
         login = "cli"
     opener = None if args.no_open else system_opener(sys.platform, os.environ)
-    with ApiSession(_api_url(args), token=args.token or get_settings().token) as api, \
+    with ApiClient(_api_url(args), timeout_s=60.0, token=args.token or get_settings().token) as api, \
             tempfile.TemporaryDirectory(prefix="alpipe-label-") as folder:
         session = LabelSession(api=api, project=args.project, labeler=args.labeler, default_labeler=login,
                                batch=args.batch, input_fn=read,
@@ -201,9 +187,10 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .label_cli import ApiSession, export_to_file
+    from .api_client import ApiClient
+    from .label_cli import export_to_file
 
-    with ApiSession(_api_url(args), token=args.token or get_settings().token, timeout_s=600.0) as api:
+    with ApiClient(_api_url(args), timeout_s=600.0, token=args.token or get_settings().token) as api:
         path, size = export_to_file(api, project=args.project, fmt=args.format, out=args.out)
     print(f"wrote {path} ({size} bytes, {args.format} export of project {args.project!r})")
     return 0
@@ -269,18 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "core: at least 2, at most 8)")
     up.set_defaults(func=cmd_up)
 
-    api = sub.add_parser("api", help="run the labeling API (uvicorn)")
-    api.add_argument("--host", help="bind address (default ALPIPE_API_HOST or 127.0.0.1)")
-    api.add_argument("--port", type=int, help="port (default ALPIPE_API_PORT or 8000)")
-    api.add_argument("--workers", type=int, help="worker processes sharing the port (default ALPIPE_API_WORKERS, "
-                                                 "or one per core: at least 2, at most 8)")
-    api.set_defaults(func=cmd_api)
-
-    worker = sub.add_parser("worker", help="run one rq worker: trainer (queue train) or scorer (queue score)")
-    worker.add_argument("kind", choices=("trainer", "scorer"))
-    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
-    worker.add_argument("--name", help="worker name (default: kind-host-pid)")
-    worker.set_defaults(func=cmd_worker)
+    # The services add their subcommands (api, worker) through an entry-point group: the core must not depend
+    # on them, and an install without the services simply has no such commands.
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        entry.load()(sub)
 
     rec = sub.add_parser("recover", help="rebuild Redis state from object storage (after a Redis wipe); exits 1 "
                                          "when a project could not be rebuilt")

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from . import keys
+from . import records
 from .errors import UserError
 from .schemas import DatasetManifest, SampleRecord
 from .storage import ObjectStore
@@ -170,7 +170,7 @@ def ingest_folder(folder: Path, *, store: ObjectStore, name: str | None = None) 
             if first.label != label:
                 skipped.append(f"{rel}: same image as {first.name} but a different class")
             continue
-        store.put_if_absent(keys.image_key(sample_id), data)
+        records.put_image(store, sample_id, data)
         samples[sample_id] = SampleRecord(id=sample_id, name=rel, label=label)
         grayscale = grayscale and mode in GRAYSCALE_MODES
     for problem in skipped:
@@ -183,16 +183,16 @@ def ingest_folder(folder: Path, *, store: ObjectStore, name: str | None = None) 
         raise UserError(f"{folder} has images of {len(used)} class; classification needs at least 2 classes")
     manifest = DatasetManifest(name=name, classes=used, channels=1 if grayscale else 3,
                                samples=list(samples.values()), skipped=skipped)
-    store.put_bytes(keys.dataset_manifest_key(name), manifest.model_dump_json().encode(), "application/json")
+    records.write_dataset_manifest(store, manifest)
     return manifest
 
 
 def load_dataset(source: str, *, store: ObjectStore, cache_dir: Path) -> DatasetManifest:
     """A built-in dataset by name, or an ImageFolder path; ingested into the store on first use."""
     if source in BUILTIN_DATASETS:
-        key = keys.dataset_manifest_key(source)
-        if store.exists(key):
-            return DatasetManifest.model_validate_json(store.get_bytes(key))
+        stored = records.read_dataset_manifest(store, source)
+        if stored is not None:
+            return stored
         return ingest_folder(materialize_builtin(source, cache_dir), store=store, name=source)
     path = Path(source).expanduser()
     if not path.exists():

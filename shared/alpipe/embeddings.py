@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import keys
+from . import records
 from .errors import NotFound, UserError
 from .images import decode_image
 from .model_specs import ModelSpec, embed_input_size, get_model_spec
@@ -168,7 +168,7 @@ def load_backbone(name: str, *, input_size: int | None = None, weights_path: str
 
 def write_identity(store: ObjectStore, identity: BackboneIdentity) -> None:
     """Record what a backbone id means next to its embeddings (once), so the layout explains itself."""
-    store.put_if_absent(keys.embedding_identity_key(identity.id), json.dumps(identity.as_dict(), indent=1).encode())
+    records.write_backbone_identity(store, identity.id, json.dumps(identity.as_dict(), indent=1).encode())
 
 
 def encode_embedding(vector: torch.Tensor) -> bytes:
@@ -268,7 +268,7 @@ class EmbeddingCache:
                      identity: BackboneIdentity) -> dict[int, torch.Tensor]:
         def read(i: int) -> tuple[int, torch.Tensor | None]:
             try:
-                return i, decode_embedding(store.get_bytes(keys.embedding_key(identity.id, ids[i])), identity.dim)
+                return i, decode_embedding(records.read_embedding(store, identity.id, ids[i]), identity.dim)
             except NotFound:
                 return i, None
             except ValueError as e:  # a damaged object: compute it again
@@ -293,7 +293,7 @@ class EmbeddingCache:
 
         def decode(i: int) -> tuple[int, torch.Tensor | None, str | None]:
             try:
-                return i, decode_image(store.get_bytes(keys.image_key(ids[i])), size=size, channels=3), None
+                return i, decode_image(records.read_image(store, ids[i]), size=size, channels=3), None
             except NotFound:
                 return i, None, "image missing from the store"
             except Exception as e:  # PIL raises many kinds for damaged files; the image is skipped, not the pass
@@ -329,7 +329,7 @@ class EmbeddingCache:
                 writes = []
                 for (i, _), vector in zip(good, vectors, strict=True):
                     out[i], ok[i] = vector, True
-                    writes.append(writer.submit(store.put_if_absent, keys.embedding_key(identity.id, ids[i]),
+                    writes.append(writer.submit(records.write_embedding, store, identity.id, ids[i],
                                                 encode_embedding(vector)))
                     self._remember(identity.id, ids[i], vector.clone())
                 result.computed += len(good)

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import keys
+from . import records
 from .results import CurvePoint, curves_csv, plot_curves, summarize
 from .storage import ObjectStore
 
@@ -36,5 +36,5 @@ def write_results(points: list[CurvePoint], *, config: dict, out: Path, title: s
         shutil.rmtree(staging, ignore_errors=True)
     if store is not None and experiment:
         for name, data in files.items():
-            store.put_bytes(keys.experiment_key(experiment, name), data)
+            records.write_experiment_file(store, experiment, name, data)
     return summary

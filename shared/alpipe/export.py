@@ -31,11 +31,11 @@ from typing import Literal
 import redis
 from pydantic import Field
 
-from . import keys
+from . import records
 from .config import Settings
 from .errors import NotFound
-from .projects import Conflict, Invalid, read_sample_batches, submit_labels
-from .schemas import LabelBatch, LabelIn, LabelRecord, LabelResult, Project
+from .projects import Conflict, Invalid, submit_labels
+from .schemas import LabelBatch, LabelIn, LabelRecord, LabelResult, Project, class_index
 from .state import ProjectState
 from .storage import ObjectStore
 
@@ -83,8 +83,8 @@ def is_retraction(record: LabelRecord) -> bool:
 def sample_names(store: ObjectStore, project: str, wanted: set[str] | None = None) -> dict[str, str]:
     """sample_id -> original name (e.g. '3/00012.png' of an ImageFolder import), for wanted ids or all."""
     names: dict[str, str] = {}
-    for _key, records in read_sample_batches(store, project):
-        for rec in records:
+    for _key, batch in records.read_sample_batches(store, project):
+        for rec in batch:
             if wanted is None or rec.id in wanted:
                 names.setdefault(rec.id, rec.name)
     return names
@@ -105,7 +105,7 @@ class _Snapshot:
 
 def _snapshot(project: Project, *, store: ObjectStore, r: redis.Redis, with_log: bool) -> _Snapshot:
     training = ProjectState(r, project.name).labels()
-    log_keys = [k for k in store.list(keys.label_log_prefix(project.name)) if k.endswith(".jsonl")] if with_log else []
+    log_keys = records.label_log_keys(store, project.name) if with_log else []
     # The log may name any sample; the ZIP only the labeled ones.
     names = sample_names(store, project.name, None if with_log else set(training))
     return _Snapshot(training, log_keys, names)
@@ -113,9 +113,7 @@ def _snapshot(project: Project, *, store: ObjectStore, r: redis.Redis, with_log:
 
 def _records(store: ObjectStore, log_keys: list[str]) -> Iterator[LabelRecord]:
     for key in log_keys:
-        for line in store.get_bytes(key).splitlines():
-            if line.strip():
-                yield LabelRecord.model_validate_json(line)
+        yield from records.read_label_batch(store, key)
 
 
 def _record_dict(rec: LabelRecord, names: dict[str, str]) -> dict:
@@ -126,7 +124,7 @@ def _record_dict(rec: LabelRecord, names: dict[str, str]) -> dict:
 
 def _sorted_training(project: Project, training: dict[str, str]) -> list[tuple[str, str]]:
     """(sample_id, label) by class order, then sample id: a stable order for the ZIP."""
-    rank = {c: i for i, c in enumerate(project.classes)}
+    rank = class_index(project.classes)
     return sorted(training.items(), key=lambda kv: (rank.get(kv[1], len(rank)), kv[1], kv[0]))
 
 
@@ -243,7 +241,7 @@ def export_imagefolder(project: Project, *, store: ObjectStore, r: redis.Redis) 
         manifest = [_csv_line(MANIFEST_COLUMNS)]
         with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             for sample_id, label in _sorted_training(project, snap.training_labels):
-                data = store.get_bytes(keys.image_key(sample_id))
+                data = records.read_image(store, sample_id)
                 name = snap.names.get(sample_id, "")
                 path = f"{safe_folder(label)}/{sample_id}.{image_extension(data, name)}"
                 # Images are compressed already: store them as they are.
@@ -293,20 +291,16 @@ def model_download(project: Project, version: int | None, *, store: ObjectStore)
     checkpoint above it is a training that never finished).
     """
     name = project.name
-    try:
-        pointer = store.get_json(keys.current_model_key(name))
-    except NotFound:
-        pointer = None
-    if not pointer:
+    pointer = records.read_pointer(store, name)
+    if pointer is None:
         raise NotFound(f"project {name!r} has no model yet: the trainer writes version 1 once "
                        f"{project.query_size} labels are in (or POST /projects/{name}/train asks for one now)")
-    current = int(pointer["version"])
+    current = pointer.version
     wanted = current if version is None else version
     if wanted > current or wanted < 1:
         raise NotFound(f"project {name!r} has no model version {wanted}; the current version is {current}")
-    key = pointer.get("key") if wanted == current else None
     try:
-        chunks = store.iter_chunks(key or keys.checkpoint_key(name, wanted))
+        chunks = records.checkpoint_chunks(store, name, wanted, pointer)
     except NotFound:
         raise NotFound(f"model version {wanted} of project {name!r} is not in object storage "
                        f"(the current version is {current})") from None
@@ -374,8 +368,8 @@ def _names_to_ids(store: ObjectStore, project: str, wanted: set[str]) -> dict[st
     found: dict[str, list[str]] = {}
     if not wanted:
         return found
-    for _key, records in read_sample_batches(store, project):
-        for rec in records:
+    for _key, batch in records.read_sample_batches(store, project):
+        for rec in batch:
             if rec.name in wanted and rec.id not in found.setdefault(rec.name, []):
                 found[rec.name].append(rec.id)
     return found

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from . import keys
+from . import records
 from .data import GRAYSCALE_MODES
 from .storage import ObjectStore
 
@@ -19,7 +19,7 @@ def image_kind(store: ObjectStore, ids: Sequence[str], *, limit: int = 64) -> tu
     """
     grayscale, max_side = True, 0
     for sample_id in list(ids)[:limit]:
-        with Image.open(io.BytesIO(store.get_bytes(keys.image_key(sample_id)))) as img:
+        with Image.open(io.BytesIO(records.read_image(store, sample_id))) as img:
             grayscale = grayscale and img.mode in GRAYSCALE_MODES
             max_side = max(max_side, *img.size)
     return grayscale, max_side

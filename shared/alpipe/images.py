@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from . import keys
+from . import records
 from .storage import ObjectStore
 
 
@@ -32,5 +32,5 @@ def decode_images(store: ObjectStore, ids: list[str], *, size: int, channels: in
     """uint8 tensor (N, channels, size, size) for the given sample ids, decoded once."""
     out = torch.empty((len(ids), channels, size, size), dtype=torch.uint8)
     for i, sample_id in enumerate(tqdm(ids, desc=desc, unit="img", leave=False, disable=len(ids) < 500)):
-        out[i] = decode_image(store.get_bytes(keys.image_key(sample_id)), size=size, channels=channels)
+        out[i] = decode_image(records.read_image(store, sample_id), size=size, channels=channels)
     return out

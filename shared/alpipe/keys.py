@@ -44,12 +44,17 @@ def project_key(project: str) -> str:
     return f"projects/{project}/project.json"
 
 
-def sample_batch_key(project: str, stamp: str, batch_id: str) -> str:
-    return f"projects/{project}/samples/{stamp}-{batch_id}.jsonl"
+def _batch_key(prefix: str, stamp: str, batch_id: str) -> str:
+    """A batch object: the stamp first, so listing a folder gives its batches in write order."""
+    return f"{prefix}{stamp}-{batch_id}.jsonl"
 
 
 def samples_prefix(project: str) -> str:
     return f"projects/{project}/samples/"
+
+
+def sample_batch_key(project: str, stamp: str, batch_id: str) -> str:
+    return _batch_key(samples_prefix(project), stamp, batch_id)
 
 
 def label_log_prefix(project: str) -> str:
@@ -57,7 +62,7 @@ def label_log_prefix(project: str) -> str:
 
 
 def label_log_key(project: str, stamp: str, batch_id: str) -> str:
-    return f"projects/{project}/labels/{stamp}-{batch_id}.jsonl"
+    return _batch_key(label_log_prefix(project), stamp, batch_id)
 
 
 def labelstudio_link_key(project: str) -> str:
@@ -69,7 +74,7 @@ def labelstudio_map_prefix(project: str, kind: str) -> str:
 
 
 def labelstudio_map_key(project: str, kind: str, stamp: str, batch_id: str) -> str:
-    return f"projects/{project}/labelstudio/{kind}/{stamp}-{batch_id}.jsonl"
+    return _batch_key(labelstudio_map_prefix(project, kind), stamp, batch_id)
 
 
 def models_prefix(project: str) -> str:
@@ -187,9 +192,18 @@ def embed_heartbeat_key(project: str, shard: int) -> str:
     return redis_key(project, "hb", "embed", shard)
 
 
-def checkpoint_version(key: str) -> int | None:
-    """The version N of a checkpoint key (inverse of checkpoint_key), None for any other key."""
+def _model_file_version(key: str, suffix: str) -> int | None:
     name = key.rpartition("/")[2]
-    if len(name) == 10 and name.startswith("v") and name.endswith(".pt") and name[1:7].isdigit():
+    if len(name) == 7 + len(suffix) and name.startswith("v") and name.endswith(suffix) and name[1:7].isdigit():
         return int(name[1:7])
     return None
+
+
+def checkpoint_version(key: str) -> int | None:
+    """The version N of a checkpoint key (inverse of checkpoint_key), None for any other key."""
+    return _model_file_version(key, ".pt")
+
+
+def metrics_version(key: str) -> int | None:
+    """The version N of a model metrics key (inverse of model_metrics_key), None for any other key."""
+    return _model_file_version(key, ".json")

@@ -1,4 +1,4 @@
-"""Labeling from a terminal (`alpipe label`) and the small HTTP client it shares with `alpipe export`.
+"""Labeling from a terminal (`alpipe label`), and the download behind `alpipe export`.
 
 The loop is the tutorial's interactive mode over the API: fetch the most informative samples
 (leased to you), show each one with its score and the model's guess, read one key per sample:
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from .api_client import ApiClient, ApiError
 from .errors import UserError
 from .schemas import COLD_START_PICK_FLOOR
 
@@ -26,92 +27,10 @@ KEYS = "1234567890"
 COMMANDS = {"s": "skip", "u": "undo", "q": "quit"}
 
 
-class ApiError(UserError):
-    """A non-2xx answer of the API; the message is the API's own."""
-
-    def __init__(self, message: str, status: int):
-        super().__init__(message)
-        self.status = status
-
-
-class ApiSession:
-    """httpx client for the alpipe API: the bearer token on every request, errors as one line."""
-
-    def __init__(self, base_url: str, *, token: str = "", timeout_s: float = 60.0):
-        import httpx
-
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.base_url = base_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
-
-    def __enter__(self) -> ApiSession:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.http.close()
-
-    def url(self, path: str) -> str:
-        return self.base_url + path
-
-    def _error(self, method: str, path: str, response) -> ApiError:
-        try:
-            body = response.json()
-            detail = body.get("message") or body.get("detail") or response.text
-        except ValueError:
-            detail = response.text.strip() or response.reason_phrase
-        hint = ""
-        if response.status_code == 401:
-            hint = " (pass --token or set ALPIPE_TOKEN)"
-        elif response.status_code == 403:
-            hint = " (this token may not do that)"
-        return ApiError(f"{method} {path} failed ({response.status_code}): {detail}{hint}", response.status_code)
-
-    def request(self, method: str, path: str, **kwargs):
-        import httpx
-
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.TransportError as e:
-            raise UserError(f"cannot reach the alpipe API at {self.base_url}: {e}") from None
-        if response.status_code >= 400:
-            raise self._error(method, path, response)
-        return response
-
-    def json(self, method: str, path: str, **kwargs):
-        return self.request(method, path, **kwargs).json()
-
-    def download(self, path: str, out: Path, *, params: dict | None = None) -> int:
-        """Stream GET path into the file out (written whole or not at all); bytes written."""
-        import httpx
-
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_name(f".{out.name}.part")
-        try:
-            with self.http.stream("GET", path, params=params) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise self._error("GET", path, response)
-                size = 0
-                with open(partial, "wb") as f:
-                    for chunk in response.iter_bytes():
-                        f.write(chunk)
-                        size += len(chunk)
-            partial.replace(out)
-            return size
-        except httpx.TransportError as e:
-            raise UserError(f"cannot reach the alpipe API at {self.base_url}: {e}") from None
-        finally:
-            partial.unlink(missing_ok=True)
-
-
 EXPORT_SUFFIX = {"csv": ".csv", "json": ".json", "imagefolder": ".zip"}
 
 
-def export_to_file(api: ApiSession, *, project: str, fmt: str, out: Path | None) -> tuple[Path, int]:
+def export_to_file(api: ApiClient, *, project: str, fmt: str, out: Path | None) -> tuple[Path, int]:
     """Download GET /projects/{project}/export?format=fmt to out (default <project>-labels.<ext>)."""
     if fmt not in EXPORT_SUFFIX:
         raise UserError(f"unknown export format {fmt!r}; choose from: {', '.join(EXPORT_SUFFIX)}")
@@ -190,7 +109,7 @@ class _Item:
 class LabelSession:
     """One person labeling one project until they quit or the pool is empty."""
 
-    api: ApiSession
+    api: ApiClient
     project: str
     labeler: str | None = None  # None: the token's labeler, or default_labeler when the API has no auth
     default_labeler: str = "anonymous"

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import keys
+from . import records
 from .checkpoints import checkpoint_bytes
 from .data import load_dataset, stratified_split
 from .embeddings import BackboneIdentity, EmbeddingCache, build_head, load_backbone
@@ -22,12 +22,22 @@ from .images import decode_images
 from .model_specs import AUTO, check_model_name, check_strategy_fits, model_spec, resolve_auto, uses_embeddings
 from .models import ModelSpec, build_model, model_in_channels
 from .results import CurvePoint
-from .schemas import DatasetManifest, SampleRecord
+from .schemas import DatasetManifest, SampleRecord, class_index
 from .storage import ObjectStore
 from .strategies import check_cold_start, cold_start_for, get_strategy, rank, subsample_pool
 from .strategies.features import label_free_features
 from .strategies.typiclust import typiclust_select
-from .training import TrainConfig, evaluate, fit, make_checkpoint, predict_mc_proba, predict_proba, resolve_device
+from .training import (
+    TrainConfig,
+    checkpoint_config,
+    evaluate,
+    fit,
+    make_checkpoint,
+    predict_mc_proba,
+    predict_proba,
+    resolve_device,
+    round_seed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +143,12 @@ def prepare_data(config: ExperimentConfig, *, store: ObjectStore, cache_dir: Pat
     spec = model_spec(model, config.input_size)
     in_channels = model_in_channels(spec, manifest.channels)
     ids = [s.id for s in labeled]
-    cache_key = keys.tensor_cache_key(manifest.name, spec.input_size, in_channels)
-    images = load_tensor_cache(store, cache_key, ids)
+    cache = (manifest.name, spec.input_size, in_channels)
+    images = load_tensor_cache(store, cache, ids)
     if images is None:
         images = decode_images(store, ids, size=spec.input_size, channels=in_channels,
                                desc=f"decoding {manifest.name}")
-        save_tensor_cache(store, cache_key, ids, images)
+        save_tensor_cache(store, cache, ids, images)
     return _split_data(config, manifest, labeled, images, in_channels=in_channels, model=model,
                        input_size=spec.input_size)
 
@@ -167,24 +177,25 @@ def _split_data(config: ExperimentConfig, manifest: DatasetManifest, labeled: li
     if config.budget > n_pool:
         raise UserError(f"--budget {config.budget} is larger than the pool ({n_pool} images of "
                         f"{manifest.name} after the test split); lower --budget or --test-fraction")
-    class_index = {c: i for i, c in enumerate(manifest.classes)}
-    labels = torch.tensor([class_index[s.label] for s in labeled], dtype=torch.int64)
+    index = class_index(manifest.classes)
+    labels = torch.tensor([index[s.label] for s in labeled], dtype=torch.int64)
     return PreparedData(manifest.name, manifest.classes, [s.id for s in labeled], inputs, labels, is_test,
                         in_channels, model, input_size, backbone)
 
 
-def load_tensor_cache(store: ObjectStore, key: str, ids: list[str]) -> torch.Tensor | None:
-    """Decoded images from an earlier run, when they are for exactly these ids."""
-    if not store.exists(key):
+def load_tensor_cache(store: ObjectStore, cache: tuple[str, int, int], ids: list[str]) -> torch.Tensor | None:
+    """Decoded images of (dataset, size, channels) from an earlier run, when they are for exactly these ids."""
+    data = records.read_tensor_cache(store, *cache)
+    if data is None:
         return None
-    cached = torch.load(io.BytesIO(store.get_bytes(key)), weights_only=True)
+    cached = torch.load(io.BytesIO(data), weights_only=True)
     return cached["images"] if cached["ids"] == ids else None
 
 
-def save_tensor_cache(store: ObjectStore, key: str, ids: list[str], images: torch.Tensor) -> None:
+def save_tensor_cache(store: ObjectStore, cache: tuple[str, int, int], ids: list[str], images: torch.Tensor) -> None:
     buf = io.BytesIO()
     torch.save({"ids": ids, "images": images}, buf)
-    store.put_bytes(key, buf.getvalue())
+    records.write_tensor_cache(store, *cache, buf.getvalue())
 
 
 def random_initial_set(pool: np.ndarray, n: int, *, seed: int) -> np.ndarray:
@@ -194,8 +205,10 @@ def random_initial_set(pool: np.ndarray, n: int, *, seed: int) -> np.ndarray:
 
 
 def run_one(data: PreparedData, *, strategy_name: str, seed: int, config: ExperimentConfig,
-            store: ObjectStore | None = None, checkpoint_prefix: str | None = None) -> list[CurvePoint]:
-    """One learning curve: initial set (TypiClust or random), then query → oracle → retrain until the budget."""
+            store: ObjectStore | None = None, experiment: str | None = None) -> list[CurvePoint]:
+    """One learning curve: initial set (TypiClust or random), then query → oracle → retrain until the budget.
+
+    With a store and an experiment name, the final model goes to the experiment's checkpoints/ folder."""
     strategy = get_strategy(strategy_name)
     spec = data.spec
     device = resolve_device(config.device)
@@ -227,7 +240,7 @@ def run_one(data: PreparedData, *, strategy_name: str, seed: int, config: Experi
             model = new_model()
         started = time.perf_counter()
         fit(model, data.images[labeled], data.labels[labeled], spec=spec, config=config.train,
-            device=device, seed=seed * 100_003 + round_no, holdout=(test_x, test_y))
+            device=device, seed=round_seed(seed, round_no), holdout=(test_x, test_y))
         train_s = time.perf_counter() - started
         accuracy = evaluate(model, test_x, test_y, spec=spec, device=device)
         point = CurvePoint(strategy_name, seed, round_no, len(labeled), accuracy, train_s, score_s)
@@ -240,7 +253,7 @@ def run_one(data: PreparedData, *, strategy_name: str, seed: int, config: Experi
         candidates = subsample_pool(np.flatnonzero(~is_labeled & ~data.is_test), config.pool_size, rng_query)
         if strategy.needs_mc:
             probs = predict_mc_proba(model, data.images[candidates], spec=spec, device=device,
-                                     samples=config.mc_samples, seed=seed * 100_003 + round_no)
+                                     samples=config.mc_samples, seed=round_seed(seed, round_no))
         elif strategy.needs_model:
             probs = predict_proba(model, data.images[candidates], spec=spec, device=device)
         else:
@@ -250,12 +263,14 @@ def run_one(data: PreparedData, *, strategy_name: str, seed: int, config: Experi
         is_labeled[chosen] = True  # the simulated oracle: known labels are revealed
         score_s = time.perf_counter() - started
         round_no += 1
-    if store is not None and checkpoint_prefix:
+    if store is not None and experiment:
         checkpoint = make_checkpoint(model, model_name=data.model, model_version=round_no,
-                                     classes=data.classes, in_channels=data.in_channels,
-                                     config=config.as_dict(), backbone=data.backbone,
-                                     input_size=None if data.backbone else data.input_size)
-        store.put_bytes(f"{checkpoint_prefix}{strategy_name}-seed{seed}.pt", checkpoint_bytes(checkpoint))
+                                     classes=data.classes, in_channels=data.in_channels, backbone=data.backbone,
+                                     input_size=None if data.backbone else data.input_size,
+                                     config=checkpoint_config(config.train, n_labeled=int(is_labeled.sum()), seed=seed,
+                                                              source=f"{experiment}/{strategy_name}"))
+        records.write_experiment_file(store, experiment, f"checkpoints/{strategy_name}-seed{seed}.pt",
+                                      checkpoint_bytes(checkpoint))
     return points
 
 
@@ -273,5 +288,5 @@ def run_experiment(config: ExperimentConfig, *, store: ObjectStore, cache_dir: P
     for seed in range(config.seeds):
         for strategy_name in config.strategies:
             points += run_one(data, strategy_name=strategy_name, seed=seed, config=config, store=store,
-                              checkpoint_prefix=keys.experiment_key(experiment, "checkpoints/"))
+                              experiment=experiment)
     return points

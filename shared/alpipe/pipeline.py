@@ -41,12 +41,13 @@ from rq.job import JobStatus
 from . import cold_start, embed_pass, keys
 from .config import Settings, get_settings
 from .errors import NotFound, StoreUnavailable
+from .records import read_project
+from .redis_lua import delete_if_equal
 from .schemas import Project, ScoreJob, TrainJob
 from .state import ProjectState, TrainMarks, project_names
 from .storage import ObjectStore
 from .strategies import subsample_pool
 from .work import (  # noqa: F401  (re-exported: the orchestration's public names stay here)
-    _DELETE_IF_EQUAL_LUA,
     _WAITING,
     FAILURE_TTL_S,
     RESULT_TTL_S,
@@ -68,10 +69,6 @@ SCORE_FUNC = "services.scorer.jobs.score_shard"
 TRAIN_SLOT_TTL_S = 6 * 3600
 FANOUT_LOCK_TTL_S = 300
 _PLAN_CHUNK = 500
-
-def load_project(store: ObjectStore, name: str) -> Project:
-    """The project definition from object storage (NotFound when it does not exist)."""
-    return Project.model_validate_json(store.get_bytes(keys.project_key(name)))
 
 
 def train_lock(r: redis.Redis, project: str, *, ttl_s: float, job_id: str | None = None) -> Heartbeat:
@@ -254,7 +251,7 @@ def _fan_out(r: redis.Redis, state: ProjectState, project: Project, version: int
         # The plan is complete before n_shards exists: n_shards marks a ranking whose shards can be re-sent.
         state.begin_ranking(version, len(shards))
     finally:
-        r.eval(_DELETE_IF_EQUAL_LUA, 1, lock, token)
+        delete_if_equal(r, lock, token)
     if not shards:
         # Nothing to score: shard 0 of 0 completes the ranking at once.
         state.shard_done(version, 0, 0)
@@ -343,7 +340,7 @@ def reconcile(r: redis.Redis, store: ObjectStore, settings: Settings) -> dict:
     now = time.time()
     for name in project_names(r):
         try:
-            project = load_project(store, name)
+            project = read_project(store, name)
         except NotFound:
             continue  # registered in Redis but being created or deleted
         try:

@@ -5,8 +5,7 @@ arguments; nothing here reads the environment or opens a connection. Every write
 same order: the durable object first (project.json, a sample batch, a label-log batch), then
 Redis. A crash between the two loses nothing, because recovery rebuilds Redis from the objects.
 
-Object layout helpers (reading every sample batch or label-log batch of a project) live here too,
-so the API and recovery read the layout the same way.
+The objects' layout is alpipe.records'; the Redis keys' is alpipe.state's.
 """
 
 from __future__ import annotations
@@ -18,17 +17,14 @@ import logging
 import secrets
 import time
 import unicodedata
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import TypeVar
 
 import redis
-from pydantic import BaseModel, ValidationError
 
-from . import cold_start, embed_pass, keys
+from . import cold_start, embed_pass, keys, records
 from .config import Settings
 from .errors import NotFound, UserError
 from .label_commit import GroupCommit
@@ -60,8 +56,6 @@ from .state import ProjectState, project_names
 from .storage import ObjectStore
 
 log = logging.getLogger(__name__)
-
-M = TypeVar("M", bound=BaseModel)
 
 # Redis pipelines and HMGETs go in chunks of this many samples, so a big import is a few round
 # trips without one giant command.
@@ -96,15 +90,6 @@ class Busy(UserError):
 # --- names and small helpers ---------------------------------------------------------------------
 
 
-def new_stamp() -> str:
-    """A sortable stamp for batch object keys: object key order is write order."""
-    return f"{time.time_ns():020d}"
-
-
-def new_batch_id() -> str:
-    return uuid.uuid4().hex[:12]
-
-
 ANONYMOUS_LABELER = "anonymous"
 
 
@@ -132,56 +117,9 @@ def _chunks(items: list, size: int = _CHUNK) -> Iterator[list]:
         yield items[start:start + size]
 
 
-def jsonl_bytes(records: Iterable[BaseModel]) -> bytes:
-    return "".join(rec.model_dump_json() + "\n" for rec in records).encode()
-
-
-def parse_jsonl(data: bytes, model: type[M]) -> list[M]:
-    return [model.model_validate_json(line) for line in data.splitlines() if line.strip()]
-
-
 def _name_list(items: list[str], limit: int = 5) -> str:
     shown = ", ".join(repr(i) for i in items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
-# --- object layout ---------------------------------------------------------------------------------
-
-
-def stored_project_names(store: ObjectStore) -> list[str]:
-    """Names of the projects whose project.json is in object storage."""
-    names = []
-    for key in store.list("projects/"):
-        parts = key.split("/")
-        if len(parts) == 3 and key == keys.project_key(parts[1]):
-            names.append(parts[1])
-    return names
-
-
-def read_project(store: ObjectStore, name: str) -> Project:
-    """The project definition from object storage; NotFound when there is none."""
-    try:
-        data = store.get_bytes(keys.project_key(name))
-    except NotFound:
-        raise NotFound(f"project {name!r} not found") from None
-    try:
-        return Project.model_validate_json(data)
-    except ValidationError as e:
-        raise UserError(f"{keys.project_key(name)} is not a valid project definition: {e}") from None
-
-
-def read_sample_batches(store: ObjectStore, project: str) -> Iterator[tuple[str, list[SampleRecord]]]:
-    """(key, records) of every sample batch of the project, in write order."""
-    for key in store.list(keys.samples_prefix(project)):
-        if key.endswith(".jsonl"):
-            yield key, parse_jsonl(store.get_bytes(key), SampleRecord)
-
-
-def read_label_log(store: ObjectStore, project: str) -> Iterator[tuple[str, list[LabelRecord]]]:
-    """(key, records) of every label-log batch of the project, in write order (latest wins)."""
-    for key in store.list(keys.label_log_prefix(project)):
-        if key.endswith(".jsonl"):
-            yield key, parse_jsonl(store.get_bytes(key), LabelRecord)
 
 
 # --- projects ----------------------------------------------------------------------------------------
@@ -227,8 +165,7 @@ def create_project(body: ProjectCreate, *, store: ObjectStore, r: redis.Redis,
     validate_project(body)
     project = Project(**body.model_dump(), created_at=time.time() if now is None else now)
     state = ProjectState(r, project.name)
-    if state.exists() or not store.put_if_absent(keys.project_key(project.name),
-                                                 project.model_dump_json(indent=1).encode()):
+    if state.exists() or not records.create_project(store, project):
         raise Conflict(f"project {project.name!r} already exists")
     state.register(project.model_dump_json())
     return project
@@ -328,12 +265,6 @@ def _seed_cold_start(state: ProjectState, project: Project, pool_ids: list[str])
         state.set_cold_start_ranking({sid: cold_start_score(project.seed, sid) for sid in chunk})
 
 
-def _write_sample_batch(store: ObjectStore, project: str, records: list[SampleRecord]) -> str:
-    key = keys.sample_batch_key(project, new_stamp(), new_batch_id())
-    store.put_if_absent(key, jsonl_bytes(records))
-    return key
-
-
 def resolve_auto_model(project: Project, sample_ids: list[str], *, store: ObjectStore, r: redis.Redis) -> Project:
     """The project with model 'auto' and an unset input size of a backbone decided by its first images.
 
@@ -358,8 +289,7 @@ def resolve_auto_model(project: Project, sample_ids: list[str], *, store: Object
     choice = {"model": model, "input_size": input_size}
     if state.r.set(state.key("resolved"), json.dumps(choice), nx=True):
         resolved = project.model_copy(update=choice)
-        store.put_bytes(keys.project_key(project.name), resolved.model_dump_json(indent=1).encode(),
-                        "application/json")
+        records.rewrite_project(store, resolved)
         state.register(resolved.model_dump_json())
         log.info("%s: runs %s at %s px (%s images, up to %d px)", project.name, model,
                  choice["input_size"] or "its default", "grayscale" if grayscale else "colour", max_side)
@@ -384,11 +314,11 @@ def add_upload(project: Project, data: bytes, *, filename: str | None, label: st
     if existing is not None:
         return UploadResult(sample_id=sample_id, split=existing, created=False,
                             image_url=image_url(project.name, sample_id))
-    store.put_if_absent(keys.image_key(sample_id), data)
+    records.put_image(store, sample_id, data)
     # The model is decided (or refused) before the sample is recorded, so a refusal writes nothing.
     project = resolve_auto_model(project, [sample_id], store=store, r=r)
     name = Path(filename).name if filename else sample_id
-    _write_sample_batch(store, project.name, [SampleRecord(id=sample_id, name=name, label=label, split=split)])
+    records.write_sample_batch(store, project.name, [SampleRecord(id=sample_id, name=name, label=label, split=split)])
     state.add_samples([(sample_id, split, label)])
     state.count_applied()
     if split == "pool":
@@ -410,11 +340,11 @@ def add_pool_images(project: Project, images: list[tuple[bytes, str]], *, store:
     new: dict[str, SampleRecord] = {}
     for sid, (data, name) in zip(ids, images, strict=True):
         if known[sid] is None and sid not in new:
-            store.put_if_absent(keys.image_key(sid), data)
+            records.put_image(store, sid, data)
             new[sid] = SampleRecord(id=sid, name=name, split="pool")
     if new:
         project = resolve_auto_model(project, list(new), store=store, r=r)
-        _write_sample_batch(store, project.name, list(new.values()))
+        records.write_sample_batch(store, project.name, list(new.values()))
         state.add_samples([(sid, "pool", None) for sid in new])
         state.count_applied()
         _seed_cold_start(state, project, list(new))
@@ -466,7 +396,7 @@ def import_dataset(project: Project, request: ImportRequest, *, store: ObjectSto
         splits.extend(state.sample_splits(chunk))
     new = [s for s, split in zip(chosen, splits, strict=True) if split is None]
     project = resolve_auto_model(project, [s.id for s in new], store=store, r=r)
-    batch = _write_sample_batch(store, project.name, new) if new else None
+    batch = records.write_sample_batch(store, project.name, new) if new else None
     for chunk in _chunks(new):
         state.add_samples([(s.id, s.split, s.label) for s in chunk])
     if batch:
@@ -483,7 +413,7 @@ def sample_image(project: Project, sample_id: str, *, store: ObjectStore, r: red
     """(bytes, content type) of a sample's image; NotFound when the project has no such sample."""
     if ProjectState(r, project.name).sample_split(sample_id) is None:
         raise NotFound(f"sample {sample_id!r} not found in project {project.name!r}")
-    data = store.get_bytes(keys.image_key(sample_id))
+    data = records.read_image(store, sample_id)
     return data, image_mime(data)
 
 
@@ -584,21 +514,21 @@ def submit_labels(project: Project, batch: LabelBatch, *, store: ObjectStore, r:
     duplicates = repeated + len(ids) - len(new)
     if not new:
         return LabelResult(accepted=0, duplicates=duplicates, labeled=state.labeled_count())
-    batch_id = new_batch_id()  # the request's batch; the label-log object its group lands in has its own id
-    records = [LabelRecord(sample_id=sid, label=wanted[sid], labeler=labeler, at=now, batch=batch_id)
-               for sid in new]
+    batch_id = records.new_batch_id()  # the request's batch; the label-log object its group lands in has its own
+    accepted = [LabelRecord(sample_id=sid, label=wanted[sid], labeler=labeler, at=now, batch=batch_id)
+                for sid in new]
 
     def write(group: list[LabelRecord]) -> int:
         """One label-log object for the group (durable), then Redis: its votes and the applied count; then
         a train job if the group made one due (once per group, not once per request)."""
-        store.put_if_absent(keys.label_log_key(project.name, new_stamp(), new_batch_id()), jsonl_bytes(group))
+        records.write_label_batch(store, project.name, group)
         labeled = state.apply_labels([rec.model_dump() for rec in group], batches=1)
         trigger_training(r, project, settings=settings, labeled=labeled)
         return labeled
 
     # Grouped per project and per store and Redis client (one process may serve several of them: tests do).
-    labeled = _GROUP_COMMIT.commit((id(store), id(r), project.name), records, write)
-    return LabelResult(accepted=len(records), duplicates=duplicates, labeled=labeled)
+    labeled = _GROUP_COMMIT.commit((id(store), id(r), project.name), accepted, write)
+    return LabelResult(accepted=len(accepted), duplicates=duplicates, labeled=labeled)
 
 
 def retract_label(project: Project, sample_id: str, *, labeler: str, store: ObjectStore, r: redis.Redis,
@@ -618,10 +548,10 @@ def retract_label(project: Project, sample_id: str, *, labeler: str, store: Obje
     if vote is None:
         raise NotFound(f"labeler {labeler!r} has no label on sample {sample_id!r} in project {project.name!r}; "
                        "there is nothing to undo")
-    batch_id = new_batch_id()
+    batch_id = records.new_batch_id()
     record = LabelRecord(sample_id=sample_id, label=vote["label"], labeler=labeler, at=now, batch=batch_id,
                          retract=True)
-    store.put_if_absent(keys.label_log_key(project.name, new_stamp(), batch_id), jsonl_bytes([record]))
+    records.write_label_batch(store, project.name, [record], batch_id=batch_id)
     token = secrets.token_urlsafe(16)
     live = state.live_version()
     # Back in the cold-start ranking at its old place; a model's ranking gets it at the next scoring.

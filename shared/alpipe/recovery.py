@@ -14,27 +14,18 @@ again. Every step is idempotent.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import time
 import uuid
 
 import redis
 
-from . import keys
+from . import keys, records
 from .config import Settings
 from .errors import NotFound, UserError
-from .projects import (
-    Busy,
-    cold_start_score,
-    load_project,
-    read_label_log,
-    read_project,
-    read_sample_batches,
-    stored_project_names,
-)
-from .schemas import CurvePointOut, Project
+from .projects import Busy, cold_start_score, load_project
+from .redis_lua import delete_if_equal
+from .schemas import CurvePointOut, Project, is_project_name
 from .state import ProjectState
 from .storage import ObjectStore
 
@@ -44,8 +35,6 @@ _CHUNK = 5000
 _LOCK_TTL_S = 600
 # How long a project's store may be ahead of Redis while a batch is being written (check_redis_restart).
 _SETTLE_S = 2.0
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 def _chunks(items: list, size: int = _CHUNK):
@@ -53,47 +42,27 @@ def _chunks(items: list, size: int = _CHUNK):
         yield items[start:start + size]
 
 
-def _model_points(store: ObjectStore, project: str) -> tuple[int, int, list[dict]]:
-    """(current version, its n_labeled, curve points up to it) from the models folder."""
-    current_key = keys.current_model_key(project)
-    if not store.exists(current_key):
-        return 0, 0, []
-    current = store.get_json(current_key)
-    version = int(current["version"])
-    points = []
-    pattern = re.compile(re.escape(keys.models_prefix(project)) + r"v(\d+)\.json")
-    for key in store.list(keys.models_prefix(project)):
-        match = pattern.fullmatch(key)
-        # A version above the pointer is a training that never finished moving it: not a model yet.
-        if match and int(match.group(1)) <= version:
-            point = store.get_json(key)
-            CurvePointOut.model_validate(point)  # fail loudly on a malformed metrics object
-            points.append(point)
-    points.sort(key=lambda p: p["model_version"])
-    n_labeled = int(current.get("n_labeled", next((p["n_labeled"] for p in points
-                                                    if p["model_version"] == version), 0)))
-    return version, n_labeled, points
-
-
 def _rebuild(state: ProjectState, store: ObjectStore, project: Project) -> dict:
     name = project.name
     n_samples = n_batches = 0
-    for _key, records in read_sample_batches(store, name):
+    for _key, batch in records.read_sample_batches(store, name):
         n_batches += 1
-        for chunk in _chunks(records):
+        for chunk in _chunks(batch):
             n_samples += state.add_samples([(s.id, s.split, s.label) for s in chunk])
     n_labels = n_log = 0
-    for _key, records in read_label_log(store, name):
+    for _key, batch in records.read_label_log(store, name):
         n_log += 1
-        n_labels += len(records)
-        for chunk in _chunks(records):
+        n_labels += len(batch)
+        for chunk in _chunks(batch):
             state.apply_labels([rec.model_dump() for rec in chunk])
 
-    version, n_labeled, points = _model_points(store, name)
+    pointer = records.read_pointer(store, name)
+    version, n_labeled = (pointer.version, pointer.n_labeled) if pointer else (0, 0)
+    points = records.model_curve(store, name, up_to=version)
     for point in points:
-        v = point["model_version"]
-        state.set_model(v, n_labeled if v == version else point["n_labeled"], json.dumps(point))
-    if version and version not in {p["model_version"] for p in points}:
+        v = point.model_version
+        state.set_model(v, n_labeled if v == version else point.n_labeled, point.model_dump_json())
+    if version and version not in {p.model_version for p in points}:
         # The pointer names a version whose metrics object is gone: keep the model, without its accuracy.
         log.warning("%s: model v%d has no metrics object; its accuracy is unknown", name, version)
         state.set_model(version, n_labeled, CurvePointOut(model_version=version, n_labeled=n_labeled,
@@ -145,7 +114,7 @@ def recover_project(r: redis.Redis, store: ObjectStore, name: str, *, settings: 
     Raises NotFound when the store has no such project, Busy when another process is rebuilding it.
     """
     started = time.perf_counter()
-    project = read_project(store, name)
+    project = records.read_project(store, name)
     # The policy comes from the definition: Redis has no registered project to read it from yet.
     state = ProjectState(r, name, label_policy=project.label_policy)
     lock = state.key("recovering")
@@ -157,7 +126,7 @@ def recover_project(r: redis.Redis, store: ObjectStore, name: str, *, settings: 
     try:
         report = _rebuild(state, store, project)
     finally:
-        r.eval(_RELEASE_LUA, 1, lock, token)
+        delete_if_equal(r, lock, token)
     report.update(_restart_work(r, store, project, report["model_version"], settings=settings))
     report["seconds"] = round(time.perf_counter() - started, 3)
     log.info("recovered project %s: %s", name, report)
@@ -186,7 +155,7 @@ def recover_all(r: redis.Redis, store: ObjectStore, *, settings: Settings, only_
     then; with wait_s 0 (the API's start-up) it is an error in the report ("being rebuilt").
     """
     report: dict[str, dict] = {}
-    for name in stored_project_names(store):
+    for name in records.stored_project_names(store):
         if only_missing and ProjectState(r, name).exists():
             report[name] = {"status": "present"}
             continue
@@ -209,11 +178,6 @@ def recover_all(r: redis.Redis, store: ObjectStore, *, settings: Settings, only_
     return {"projects": report}
 
 
-def _durable_batches(store: ObjectStore, name: str) -> int:
-    return sum(key.endswith(".jsonl") for prefix in (keys.samples_prefix(name), keys.label_log_prefix(name))
-               for key in store.list(prefix))
-
-
 def check_redis_restart(r: redis.Redis, store: ObjectStore, *, settings: Settings) -> dict:
     """After Redis restarted (its run_id changed), rebuild every project Redis has lost writes of.
 
@@ -233,7 +197,7 @@ def check_redis_restart(r: redis.Redis, store: ObjectStore, *, settings: Setting
         out = {}
         for name in names:
             state = ProjectState(r, name)
-            durable = _durable_batches(store, name)
+            durable = records.durable_batch_count(store, name)
             applied = state.applied() if state.exists() else None
             if applied is None or applied < durable:
                 out[name] = (applied, durable)
@@ -241,7 +205,7 @@ def check_redis_restart(r: redis.Redis, store: ObjectStore, *, settings: Setting
 
     # A batch being written right now is in the store a moment before Redis counts it: only a gap that
     # is still there a little later is a loss.
-    suspects = behind(stored_project_names(store))
+    suspects = behind(records.stored_project_names(store))
     if suspects:
         time.sleep(_SETTLE_S)
         suspects = behind(list(suspects))
@@ -283,7 +247,7 @@ def load_or_recover(r: redis.Redis, store: ObjectStore, name: str, *, settings: 
     try:
         return load_project(name, r=r)
     except NotFound:
-        if not _NAME.fullmatch(name) or not store.exists(keys.project_key(name)):
+        if not is_project_name(name) or not records.project_stored(store, name):
             raise
     log.warning("project %s is in object storage but not in Redis: rebuilding it", name)
     try:

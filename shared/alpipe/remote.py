@@ -16,40 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-import httpx
-
+from .api_client import ApiClient
 from .data import load_dataset
-from .errors import UserError
 from .loop import ExperimentConfig
 from .results import CurvePoint
 from .schemas import TrainOptions
 from .storage import ObjectStore
 
 log = logging.getLogger(__name__)
-
-
-class ApiClient:
-    """Thin JSON client; a non-2xx answer becomes an error carrying the API's message."""
-
-    def __init__(self, base_url: str, *, timeout_s: float = 120.0, token: str = ""):
-        headers = {"Authorization": f"Bearer {token}"} if token else None
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s, headers=headers)
-
-    def call(self, method: str, path: str, **kwargs) -> dict | list:
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.TransportError as e:
-            raise UserError(f"cannot reach the alpipe API at {self.http.base_url}: {e}") from None
-        if response.status_code >= 400:
-            try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
-                detail = response.text
-            raise UserError(f"{method} {path} failed ({response.status_code}): {detail}")
-        return response.json()
-
-    def close(self) -> None:
-        self.http.close()
 
 
 def project_name(experiment: str, strategy: str, seed: int) -> str:
@@ -63,7 +37,7 @@ def wait_for_embeddings(api: ApiClient, project: str, *, timeout_s: float, poll_
     deadline = time.monotonic() + timeout_s
     next_report = time.monotonic()
     while True:
-        embedding = api.call("GET", f"/projects/{project}").get("embedding")
+        embedding = api.json("GET", f"/projects/{project}").get("embedding")
         if embedding is None or embedding["complete"]:
             return embedding
         if time.monotonic() >= next_report:
@@ -80,7 +54,7 @@ def wait_for_cold_start(api: ApiClient, project: str, *, timeout_s: float, poll_
     """Poll until the project's cold-start order is ready (TypiClust's picks at the top), so the first
     labels are the ones a labeling team would get; the status ('typiclust', 'random' or 'failed')."""
     deadline = time.monotonic() + timeout_s
-    status = api.call("GET", f"/projects/{project}")["cold_start"]
+    status = api.json("GET", f"/projects/{project}")["cold_start"]
     if status == "pending":
         log.info("%s: waiting for a scorer to order the pool for the cold start (TypiClust)", project)
     while status == "pending":
@@ -88,7 +62,7 @@ def wait_for_cold_start(api: ApiClient, project: str, *, timeout_s: float, poll_
             raise RuntimeError(f"{project}: no cold-start order after {timeout_s:.0f}s; are scorers running "
                                f"(alpipe worker scorer)? Their log says what they are doing")
         time.sleep(poll_s)
-        status = api.call("GET", f"/projects/{project}")["cold_start"]
+        status = api.json("GET", f"/projects/{project}")["cold_start"]
     if status == "failed":
         log.warning("%s: the cold-start job failed (see the scorer's log); the first labels follow the seeded "
                     "random order", project)
@@ -99,7 +73,7 @@ def wait_for_round(api: ApiClient, project: str, *, n_labeled: int, timeout_s: f
     """Poll until a model trained on n_labeled labels exists and its ranking is live."""
     deadline = time.monotonic() + timeout_s
     while True:
-        info = api.call("GET", f"/projects/{project}")
+        info = api.json("GET", f"/projects/{project}")
         model = info.get("model") or {}
         if model.get("n_labeled", 0) >= n_labeled and info.get("live_ranking_version") == model.get("version"):
             return info
@@ -114,7 +88,7 @@ def request_training(api: ApiClient, project: str, *, n_labeled: int, timeout_s:
     """Ask for a model on a partial batch; retried while another train job holds the project."""
     deadline = time.monotonic() + timeout_s
     while True:
-        answer = api.call("POST", f"/projects/{project}/train")
+        answer = api.json("POST", f"/projects/{project}/train")
         if answer["job_id"] or answer["model_labels"] >= n_labeled:
             return
         if time.monotonic() > deadline:
@@ -127,12 +101,12 @@ def run_remote(api: ApiClient, *, strategy: str, seed: int, config: ExperimentCo
     """One learning curve through the API."""
     name = project_name(experiment, strategy, seed)
     training = {k: v for k, v in asdict(config.train).items() if k in TrainOptions.model_fields}
-    api.call("POST", "/projects", json={
+    api.json("POST", "/projects", json={
         "name": name, "classes": classes, "strategy": strategy, "query_size": config.query_size,
         "cold_start": config.cold_start, "mc_samples": config.mc_samples,
         "pool_size": config.pool_size, "model": config.model, "pretrained": config.pretrained,
         "finetune": config.finetune, "input_size": config.input_size, "training": training, "seed": seed})
-    api.call("POST", f"/projects/{name}/samples/import", json={
+    api.json("POST", f"/projects/{name}/samples/import", json={
         "dataset": config.dataset, "test_fraction": config.test_fraction, "split_seed": config.split_seed})
     # The first round's model waits for the embedding pass (embedding mode); say how it is going.
     embedding = wait_for_embeddings(api, name, timeout_s=round_timeout_s * 4)
@@ -143,13 +117,13 @@ def run_remote(api: ApiClient, *, strategy: str, seed: int, config: ExperimentCo
     labeled, round_no, last = 0, 0, time.perf_counter()
     while labeled < config.budget:
         want = config.initial if round_no == 0 else min(config.query_size, config.budget - labeled)
-        queries = api.call("GET", f"/projects/{name}/queries", params={"n": want, "labeler": "oracle"})
+        queries = api.json("GET", f"/projects/{name}/queries", params={"n": want, "labeler": "oracle"})
         samples = queries["samples"]
         if not samples:
             break  # the pool is exhausted
         answers = [{"sample_id": s["sample_id"], "label": oracle[s["sample_id"]],
                     "lease_token": queries["lease_token"]} for s in samples]
-        api.call("POST", f"/projects/{name}/labels", json={"labels": answers, "labeler": "oracle"})
+        api.json("POST", f"/projects/{name}/labels", json={"labels": answers, "labeler": "oracle"})
         labeled += len(answers)
         if labeled - len(answers) > 0 and len(answers) < config.query_size:
             request_training(api, name, n_labeled=labeled, timeout_s=round_timeout_s)
@@ -159,7 +133,7 @@ def run_remote(api: ApiClient, *, strategy: str, seed: int, config: ExperimentCo
                  round_no, labeled, info["model"]["test_accuracy"], now - last, info["model"]["version"])
         last = now
         round_no += 1
-    curve = api.call("GET", f"/projects/{name}/curve")
+    curve = api.json("GET", f"/projects/{name}/curve")
     # Scoring is spread over scorer jobs and overlaps other projects' work: not attributed per round.
     return [CurvePoint(strategy, seed, i, p["n_labeled"], p["test_accuracy"], p.get("train_s", 0.0), None)
             for i, p in enumerate(curve)]
@@ -174,14 +148,11 @@ def simulate_via_api(config: ExperimentConfig, *, api_url: str, store: ObjectSto
     config.validate()
     manifest = load_dataset(config.dataset, store=store, cache_dir=cache_dir)
     oracle = {s.id: s.label for s in manifest.samples if s.label is not None}
-    api = ApiClient(api_url, token=token)
-    try:
-        api.call("GET", "/health")
+    with ApiClient(api_url, timeout_s=120.0, token=token) as api:
+        api.json("GET", "/health")
         runs = [(strategy, seed) for seed in range(config.seeds) for strategy in config.strategies]
         with ThreadPoolExecutor(max_workers=len(runs)) as pool:
             futures = [pool.submit(run_remote, api, strategy=strategy, seed=seed, config=config,
                                    classes=manifest.classes, oracle=oracle, experiment=experiment,
                                    round_timeout_s=round_timeout_s) for strategy, seed in runs]
             return [point for future in futures for point in future.result()]
-    finally:
-        api.close()

@@ -1,11 +1,13 @@
 """Pydantic models for everything that crosses a process boundary (files, queues, HTTP)."""
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from .model_specs import AUTO, MODEL_NAMES
 from .strategies import STRATEGIES
+from .train_config import TrainOptions  # a project's `training`: stated once there, for the CLI and trainer too
 
 Split = Literal["pool", "test"]
 LabelPolicy = Literal["latest", "majority"]
@@ -30,34 +32,25 @@ class DatasetManifest(BaseModel):
     skipped: list[str] = Field(default_factory=list, description="files that were not usable images, with why")
 
 
+def class_index(classes: list[str]) -> dict[str, int]:
+    """Class name -> the model's output index: the order of the project's (or dataset's) class list."""
+    return {c: i for i, c in enumerate(classes)}
+
+
 # --- projects and the wire contract of the services -------------------------------------------
 
-Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+PROJECT_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+Slug = Annotated[str, StringConstraints(pattern=PROJECT_NAME_PATTERN)]
+
+
+def is_project_name(name: str) -> bool:
+    """Could a project have this name? (Checked before an object key is built from a request's text.)"""
+    return re.fullmatch(PROJECT_NAME_PATTERN, name) is not None
+
 # A class name: printable (no control characters), not blank. The document states it as a pattern; the
 # API checks it in projects.validate_project, whose messages say what is wrong in words.
 _PRINTABLE = r"[^\x00-\x1f\x7f-\x9f]"
 CLASS_NAME_PATTERN = rf"^{_PRINTABLE}*[^\s\x00-\x1f\x7f-\x9f]{_PRINTABLE}*$"
-
-
-class TrainOptions(BaseModel):
-    """How the trainer retrains a project (mirrors alpipe.training.TrainConfig)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    stop: str = "no_improvement"
-    patience: int = Field(5, ge=1)
-    max_epochs: int = Field(30, ge=1, le=1000)
-    holdout: Literal["labeled", "test"] = "labeled"
-    val_fraction: float = Field(0.2, gt=0, lt=1)
-    min_val_size: int = Field(10, ge=1, description="fewer held-out labels than this: train small_set_epochs")
-    small_set_epochs: int = Field(12, ge=1)
-    min_epoch_samples: int = Field(256, ge=1, description="an epoch covers at least this many samples")
-    lr: float = Field(0.01, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    batch_size: int = Field(32, ge=2)
-    warm_start: bool = True
-    augment: bool = True
 
 
 class ProjectCreate(BaseModel):

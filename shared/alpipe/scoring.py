@@ -25,7 +25,8 @@ from .config import Settings
 from .embeddings import Backbone, EmbeddingCache, EmbedResult, backbone_identity, load_backbone
 from .image_probe import image_kind
 from .model_specs import model_spec, project_uses_embeddings
-from .pipeline import embedding_pass_complete, finish_ranking, load_project, score_heartbeat
+from .pipeline import embedding_pass_complete, finish_ranking, score_heartbeat
+from .records import read_project
 from .schemas import EmbedJob, Project, ScoreJob
 from .state import ProjectState
 from .storage import ObjectStore
@@ -101,7 +102,7 @@ def score_shard(job: ScoreJob, *, r: redis.Redis, store: ObjectStore, models: Mo
         if delay_s > 0:
             log.info("%s v%d shard %d: test delay %.1fs", job.project, version, shard, delay_s)
             time.sleep(delay_s)
-        project = load_project(store, job.project)
+        project = read_project(store, job.project)
         strategy = get_strategy(project.strategy)
         ids = list(job.sample_ids)
         if strategy.needs_model:
@@ -188,7 +189,7 @@ def embed_shard(job: EmbedJob, *, r: redis.Redis, store: ObjectStore, embeddings
     name, shard = job.project, job.shard
     if embed_pass.shard_is_done(r, name, shard):
         return {"project": name, "shard": shard, "skipped": "already done"}
-    project = load_project(store, name)
+    project = read_project(store, name)
     if not project_uses_embeddings(project):
         return {"project": name, "shard": shard, "skipped": "not in embedding mode"}
     started = time.perf_counter()

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import time
-import weakref
 from dataclasses import dataclass
 
 import redis
 from redis.commands.core import Script
 
 from .keys import redis_key, shard_jobs_key, shard_plan_key, train_lock_key
+from .redis_lua import DELETE_IF_EQUAL_LUA, bound
 from .schemas import COLD_START_PICK_FLOOR
 
 PROJECTS_KEY = "alpipe:projects"
@@ -189,12 +189,6 @@ out[1] = redis.call('HLEN', KEYS[2])
 return out
 """
 
-# Deletes a key only while it holds the caller's value (a slot or lock someone else took is kept).
-_DELETE_IF_EQUAL_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 # Raises a number key to ARGV[1] (never lowers it): a newer request on more labels wins.
 _RAISE_TO_LUA = """
 local value = redis.call('GET', KEYS[1])
@@ -210,18 +204,13 @@ return 0
 
 
 _SCRIPT_TEXTS = {"lease": _LEASE_LUA, "release_leases": _RELEASE_LEASES_LUA, "apply_votes": _APPLY_VOTES_LUA,
-                 "shard_done": _SHARD_DONE_LUA, "delete_if_equal": _DELETE_IF_EQUAL_LUA,
+                 "shard_done": _SHARD_DONE_LUA, "delete_if_equal": DELETE_IF_EQUAL_LUA,
                  "delete_if_at_most": _DELETE_IF_AT_MOST_LUA, "raise_to": _RAISE_TO_LUA}
-_SCRIPTS: weakref.WeakKeyDictionary[redis.Redis, dict[str, Script]] = weakref.WeakKeyDictionary()
 
 
 def _scripts(r: redis.Redis) -> dict[str, Script]:
-    """The Lua scripts bound to a client, made once per client (a ProjectState is made per request)."""
-    found = _SCRIPTS.get(r)
-    if found is None:
-        found = {name: r.register_script(text) for name, text in _SCRIPT_TEXTS.items()}
-        _SCRIPTS[r] = found
-    return found
+    """The Lua scripts bound to a client (a ProjectState is made per request; the scripts once per client)."""
+    return {name: bound(r, text) for name, text in _SCRIPT_TEXTS.items()}
 
 
 @dataclass(frozen=True)

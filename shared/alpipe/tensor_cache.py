@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from . import keys
+from . import records
 from .images import decode_image
 from .storage import ObjectStore
 
@@ -60,7 +60,7 @@ class TensorCache:
             return out
 
         def load(i: int) -> torch.Tensor:
-            return decode_image(store.get_bytes(keys.image_key(ids[i])), size=size, channels=channels)
+            return decode_image(records.read_image(store, ids[i]), size=size, channels=channels)
 
         # Object-store reads are latency-bound (S3): overlap them; PIL releases the GIL while decoding.
         if len(missing) > 1 and self.fetch_threads > 1:

@@ -27,19 +27,19 @@ import numpy as np
 import redis
 import torch
 
-from . import keys
-from .checkpoints import checkpoint_bytes, read_checkpoint, read_pointer, stored_versions
+from . import records
+from .checkpoints import checkpoint_bytes, read_checkpoint
 from .config import Settings
 from .embeddings import BackboneIdentity, EmbeddingCache, build_head, load_backbone
 from .image_probe import image_kind
 from .model_specs import model_spec, project_uses_embeddings
 from .models import ModelSpec, build_model, model_in_channels
-from .pipeline import enqueue_scoring, load_project, maybe_enqueue_train, train_due, train_lock
-from .schemas import CurvePointOut, Project
+from .pipeline import enqueue_scoring, maybe_enqueue_train, train_due, train_lock
+from .schemas import CurvePointOut, Project, class_index
 from .state import ProjectState
 from .storage import ObjectStore
 from .tensor_cache import TensorCache
-from .training import TrainConfig, evaluate, fit, make_checkpoint
+from .training import TrainConfig, checkpoint_config, evaluate, fit, make_checkpoint, round_seed
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def dataset_channels(store: ObjectStore, ids: list[str]) -> int:
 
 
 def _split(labels: dict[str, str], classes: list[str], *, project: str, what: str) -> tuple[list[str], torch.Tensor]:
-    index = {c: i for i, c in enumerate(classes)}
+    index = class_index(classes)
     unknown = sorted({label for label in labels.values() if label not in index})
     if unknown:
         log.warning("%s: ignoring %s labels of unknown classes %s", project, what, unknown)
@@ -79,7 +79,7 @@ def train_project(name: str, *, r: redis.Redis, store: ObjectStore, tensors: Ten
     on_epoch is called after every epoch (logging; tests use it to slow training down).
     """
     embeddings = embeddings if embeddings is not None else EmbeddingCache()
-    project = load_project(store, name)
+    project = records.read_project(store, name)
     state = ProjectState(r, name)
     lock = train_lock(r, name, ttl_s=settings.heartbeat_ttl_s, job_id=job_id)
     lock.acquire(wait=True)
@@ -104,7 +104,7 @@ def _train_locked(project: Project, *, state: ProjectState, store: ObjectStore, 
     name = project.name
     labels = state.labels()
     base = state.model_labels()
-    pointer = read_pointer(store, name)
+    pointer = records.read_pointer(store, name)
     has_model = pointer is not None or state.model_version() > 0
     if not labels or (has_model and not train_due(state, project, labeled=len(labels))):
         log.info("%s: %d labels, %d at the current model: nothing to train", name, len(labels), base)
@@ -114,7 +114,7 @@ def _train_locked(project: Project, *, state: ProjectState, store: ObjectStore, 
     test_ids, test_y = _split(state.test_labels(), project.classes, project=name, what="test")
     if not train_ids:
         raise ValueError(f"{name}: none of the {len(labels)} labels is one of the classes {project.classes}")
-    previous = read_checkpoint(store, pointer["key"]) if pointer else None
+    previous = read_checkpoint(store, pointer.key) if pointer else None
     config = train_config(project, has_test=bool(test_ids))
     started = time.perf_counter()
     inputs = _inputs_for(project, train_ids, test_ids, previous, store=store, tensors=tensors,
@@ -136,11 +136,11 @@ def _train_locked(project: Project, *, state: ProjectState, store: ObjectStore, 
                             pretrained=project.pretrained and not warm).to(device)
     if warm:
         model.load_state_dict(previous["model"])
-    versions = stored_versions(store, name)
+    versions = records.stored_versions(store, name)
     # Versions seen anywhere (pointer, Redis, checkpoint objects): the next one is above all of them.
-    floor = max([pointer["version"] if pointer else 0, state.model_version(), *versions, 0])
+    floor = max([pointer.version if pointer else 0, state.model_version(), *versions, 0])
     log.info("%s: training v%d+ on %d labels (%d test, %s, %s%s)", name, floor + 1, len(train_x), len(test_x),
-             f"warm from v{pointer['version']}" if warm else "fresh", config.stop,
+             f"warm from v{pointer.version}" if warm else "fresh", config.stop,
              f", head on {backbone.id} embeddings" if backbone else "")
 
     def epoch_done(epoch: int, loss: float, acc: float | None) -> None:
@@ -151,28 +151,26 @@ def _train_locked(project: Project, *, state: ProjectState, store: ObjectStore, 
             time.sleep(settings.test_train_epoch_delay_s)
 
     fitted = fit(model, train_x, train_y, spec=spec, config=config, device=device,
-                 seed=project.seed * 100_003 + floor + 1, holdout=(test_x, test_y) if has_test else None,
+                 seed=round_seed(project.seed, floor + 1), holdout=(test_x, test_y) if has_test else None,
                  on_epoch=epoch_done)
     accuracy = evaluate(model, test_x, test_y, spec=spec, device=device) if has_test else None
     train_s = time.perf_counter() - started
 
-    version = floor + 1
-    while True:
-        checkpoint = make_checkpoint(model, model_name=project.model, model_version=version, classes=project.classes,
-                                     in_channels=in_channels, backbone=backbone,
-                                     input_size=project.input_size if backbone is None else None,
-                                     config={"train": config.as_dict(), "n_labeled": len(labels),
-                                             "project": name, "seed": project.seed})
-        if store.put_if_absent(keys.checkpoint_key(name, version), checkpoint_bytes(checkpoint)):
-            break
-        version += 1  # another trainer took this version: never overwrite a checkpoint
-    point = CurvePointOut(model_version=version, n_labeled=len(labels), test_accuracy=accuracy,
-                          train_s=round(train_s, 3), created_at=time.time())
-    store.put_json(keys.model_metrics_key(name, version), point.model_dump(mode="json"))
-    current = read_pointer(store, name)
-    if current is None or current["version"] < version:
-        store.put_json(keys.current_model_key(name),
-                       {"version": version, "n_labeled": len(labels), "key": keys.checkpoint_key(name, version)})
+    def checkpoint(version: int) -> bytes:
+        return checkpoint_bytes(make_checkpoint(
+            model, model_name=project.model, model_version=version, classes=project.classes, in_channels=in_channels,
+            backbone=backbone, input_size=project.input_size if backbone is None else None,
+            config=checkpoint_config(config, n_labeled=len(labels), seed=project.seed, source=name)))
+
+    created_at = time.time()
+
+    def curve_point(version: int) -> CurvePointOut:
+        return CurvePointOut(model_version=version, n_labeled=len(labels), test_accuracy=accuracy,
+                             train_s=round(train_s, 3), created_at=created_at)
+
+    version = records.publish_model(store, name, first_version=floor + 1, checkpoint=checkpoint, point=curve_point,
+                                    n_labeled=len(labels))
+    point = curve_point(version)
     state.set_model(version, len(labels), point.model_dump_json())
     state.clear_forced_training(len(labels))
     log.info("%s: v%d on %d labels: test accuracy %s, %d epochs in %.1fs", name, version, len(labels),

@@ -221,17 +221,30 @@ def _fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, spec: 
     return FitResult(epochs=epoch, holdout_accuracy=best_acc if val is not None else None)
 
 
+def round_seed(seed: int, round_no: int) -> int:
+    """The seed of one training round (its shuffles, shifts and validation split) and of its MC-dropout
+    passes: fixed by the run's (or project's) seed and the round, so a rerun trains the same model."""
+    return seed * 100_003 + round_no
+
+
+def checkpoint_config(train: TrainConfig, *, n_labeled: int, seed: int, source: str) -> dict:
+    """A checkpoint's `config`, one shape whoever trained it: how (`train`), on how many labels, with which
+    seed, and for what (`source`: the project, or `<experiment>/<strategy>` of a simulate run)."""
+    return {"train": train.as_dict(), "n_labeled": n_labeled, "seed": seed, "source": source}
+
+
 def make_checkpoint(model: nn.Module, *, model_name: str, model_version: int, classes: list[str],
-                    in_channels: int, config: dict, optimizer: torch.optim.Optimizer | None = None,
-                    backbone: BackboneIdentity | None = None, input_size: int | None = None) -> dict:
+                    in_channels: int, config: dict, backbone: BackboneIdentity | None = None,
+                    input_size: int | None = None) -> dict:
     """A plain-dict checkpoint: everything needed to rebuild and use the model elsewhere.
 
     In embedding mode `model` is the head and `backbone` names the frozen backbone it sits on
-    (alpipe.inference.load_classifier puts the two together again for raw images).
+    (alpipe.inference.load_classifier puts the two together again for raw images). No optimizer state:
+    every round starts a fresh SGD (a warm start takes the weights only), so it would be dead weight.
+    `config` is checkpoint_config's.
     """
     checkpoint = {
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer else None,
         "model_name": model_name,
         "model_version": model_version,
         "classes": list(classes),

@@ -21,6 +21,7 @@ from rq.job import Job, JobStatus
 from rq.utils import utcparse
 
 from .config import Settings
+from .redis_lua import bound, delete_if_equal
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,6 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
 return 1
 """
 
-_DELETE_IF_EQUAL_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 
 class Heartbeat:
     """A Redis key with a TTL, kept alive by a daemon thread every ttl/3 while work is in progress.
@@ -74,8 +70,7 @@ class Heartbeat:
         self.value = value or f"{worker_identity()}:{uuid.uuid4().hex[:8]}"
         self.exclusive = exclusive
         self.lost = False
-        self._refresh = r.register_script(_REFRESH_LUA)
-        self._delete = r.register_script(_DELETE_IF_EQUAL_LUA)
+        self._refresh = bound(r, _REFRESH_LUA)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -118,7 +113,7 @@ class Heartbeat:
             self._thread.join(timeout=5)
             self._thread = None
         try:
-            self._delete(keys=[self.key], args=[self.value])
+            delete_if_equal(self.r, self.key, self.value)
         except redis.RedisError as e:  # it expires by itself
             log.warning("heartbeat %s: not deleted: %s", self.key, e)
 
@@ -140,8 +135,7 @@ class Lease:
         self.key = key
         self.ttl_ms = max(100, int(ttl_s * 1000))
         self.value = f"{worker_identity()}:{uuid.uuid4().hex[:8]}"
-        self._refresh = r.register_script(_REFRESH_LUA)
-        self._delete = r.register_script(_DELETE_IF_EQUAL_LUA)
+        self._refresh = bound(r, _REFRESH_LUA)
 
     def hold(self) -> bool:
         return bool(self._refresh(keys=[self.key], args=[self.value, self.ttl_ms, 1]))
@@ -151,7 +145,7 @@ class Lease:
         return value.decode() if value is not None else None
 
     def release(self) -> None:
-        self._delete(keys=[self.key], args=[self.value])
+        delete_if_equal(self.r, self.key, self.value)
 
 
 # --- rq helpers ------------------------------------------------------------------------------------

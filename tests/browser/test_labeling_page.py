@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from alpipe.projects import read_label_log
+from alpipe.records import read_label_log
 from alpipe.storage import LocalStore
 
 pytestmark = pytest.mark.browser

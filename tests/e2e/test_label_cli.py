@@ -19,7 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from alpipe.label_cli import ApiError, LabelSession, class_keys
+from alpipe.api_client import ApiError
+from alpipe.label_cli import LabelSession, class_keys
 from tests.helpers import free_port, stop_process, wait_until
 from tests.integration.test_api import png_bytes
 

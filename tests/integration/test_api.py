@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from alpipe import keys
+from alpipe import keys, records
 from alpipe.config import Settings
 from alpipe.projects import cold_start_score
 from alpipe.state import ProjectState
@@ -505,7 +505,7 @@ def test_a_train_request_outlives_its_lost_job(client: TestClient, store: Object
     state.set_model(1, 3, json.dumps({"model_version": 1, "n_labeled": 3}))
     state.clear_forced_training(3)
     assert not state.train_marks().forced_pending
-    assert not pipeline.train_due(state, pipeline.load_project(store, "pets"))
+    assert not pipeline.train_due(state, records.read_project(store, "pets"))
 
 
 def test_bad_label_batches_write_nothing(client: TestClient, store: ObjectStore, folder: Path,

@@ -21,9 +21,10 @@ from PIL import Image
 from rq import Worker
 
 from alpipe import embed_pass, embeddings, keys, pipeline, scoring
-from alpipe.checkpoints import read_checkpoint, read_pointer
+from alpipe.checkpoints import read_checkpoint
 from alpipe.config import Settings
 from alpipe.embeddings import EmbeddingCache
+from alpipe.records import read_pointer
 from alpipe.schemas import Project, ScoreJob, TrainOptions
 from alpipe.state import ProjectState
 from alpipe.storage import ObjectStore, S3Store
@@ -135,7 +136,7 @@ def test_pass_then_rounds_through_real_workers(redis_url, redis_client, store, w
 
     # The job completing the pass queued the due training: v1 on the head, then its ranking.
     wait_for(lambda: setup.state.live_version() == 1, timeout=60, what="ranking v1", logs=w.all_logs)
-    checkpoint = read_checkpoint(store, read_pointer(store, name)["key"])
+    checkpoint = read_checkpoint(store, read_pointer(store, name).key)
     assert checkpoint["mode"] == "embedding" and checkpoint["backbone"]["id"] == progress.backbone
     assert checkpoint["head"] == {"dim": 1280, "hidden": 0}
     pool = set(setup.state.pool_ids())

@@ -30,9 +30,10 @@ from rq import Queue, SimpleWorker, Worker
 from rq.registry import FinishedJobRegistry
 
 from alpipe import keys, pipeline, trainer_core
-from alpipe.checkpoints import read_checkpoint, read_pointer, stored_versions
+from alpipe.checkpoints import read_checkpoint
 from alpipe.config import Settings
 from alpipe.projects import request_training
+from alpipe.records import ModelPointer, read_pointer, stored_versions
 from alpipe.schemas import CurvePointOut, Project, TrainOptions
 from alpipe.state import ProjectState
 from alpipe.storage import LocalStore, ObjectStore, S3Store
@@ -236,8 +237,8 @@ def assert_checkpoints_sound(store: ObjectStore, project: str) -> list[int]:
         assert checkpoint["classes"] == CLASSES and checkpoint["in_channels"] == 1
     pointer = read_pointer(store, project)
     if pointer is not None:
-        assert pointer["version"] in versions
-        assert pointer["key"] == keys.checkpoint_key(project, pointer["version"])
+        assert pointer.version in versions
+        assert pointer.key == keys.checkpoint_key(project, pointer.version)
     assert versions == sorted(set(versions))
     return versions
 
@@ -268,7 +269,7 @@ def test_round_with_real_workers_s3(redis_url, redis_client, s3_store, s3_server
     wait_for(lambda: setup.state.live_version() == 1, timeout=60, what="ranking v1 live", logs=w.all_logs)
 
     assert assert_checkpoints_sound(s3_store, name) == [1]
-    assert read_pointer(s3_store, name) == {"version": 1, "n_labeled": 20, "key": keys.checkpoint_key(name, 1)}
+    assert read_pointer(s3_store, name) == ModelPointer(version=1, n_labeled=20, key=keys.checkpoint_key(name, 1))
     metrics = CurvePointOut.model_validate(s3_store.get_json(keys.model_metrics_key(name, 1)))
     assert metrics.model_version == 1 and metrics.n_labeled == 20
     assert metrics.test_accuracy is not None and 0.0 <= metrics.test_accuracy <= 1.0
@@ -324,8 +325,8 @@ def test_label_bursts_coalesce_and_last_model_sees_every_label(redis_url, redis_
     versions = assert_checkpoints_sound(local_store, name)
     assert len(versions) < batches  # rounds took several batches each
     pointer = read_pointer(local_store, name)
-    assert pointer["version"] == versions[-1] and pointer["n_labeled"] == total
-    last = read_checkpoint(local_store, pointer["key"])
+    assert pointer.version == versions[-1] and pointer.n_labeled == total
+    last = read_checkpoint(local_store, pointer.key)
     assert last["config"]["n_labeled"] == total
     curve = setup.state.curve()
     assert [p["model_version"] for p in curve] == versions
@@ -432,9 +433,13 @@ def test_trainer_killed_mid_fit_leaves_no_partial_model(redis_url, redis_client,
         if time.monotonic() - last[0] >= settings.reconcile_interval_s:
             last[0] = time.monotonic()
             reports.append(pipeline.reconcile(r, local_store, settings))
-        # Until the replacement has finished, the pointer never moves.
-        if setup.state.model_version() == 1:
-            assert read_pointer(local_store, name) == pointer_v1
+        # The pointer names v1 until the replacement publishes its complete v2; it never names the
+        # killed round. (The replacement writes the pointer just before it moves Redis's version, so
+        # a v2 pointer beside version 1 in Redis is the publish in progress, not a partial model.)
+        pointer = read_pointer(local_store, name)
+        if pointer != pointer_v1:
+            assert pointer.version == 2 and pointer.n_labeled == total, pointer
+            assert assert_checkpoints_sound(local_store, name) == [1, 2]
 
     wait_for(lambda: setup.state.model_version() == 2, timeout=45, what="v2 after the kill",
              on_tick=reconcile_tick, logs=w.all_logs)
@@ -443,7 +448,7 @@ def test_trainer_killed_mid_fit_leaves_no_partial_model(redis_url, redis_client,
     assert any(name in rep["train"] for rep in reports), reports
     assert assert_checkpoints_sound(local_store, name) == [1, 2]
     pointer = read_pointer(local_store, name)
-    assert pointer["version"] == 2 and pointer["n_labeled"] == total
+    assert pointer.version == 2 and pointer.n_labeled == total
     assert [p["model_version"] for p in setup.state.curve()] == [1, 2]
     # The model answered the request: nothing is due any more.
     assert not setup.state.train_marks().forced_pending

@@ -25,7 +25,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .. import keys, projects
+from .. import projects, records
 from ..config import Settings
 from ..errors import NotFound
 from ..projects import Conflict, Invalid, NotAnImage
@@ -248,7 +248,7 @@ def setup(body: SetupRequest, *, store: ObjectStore, r: redis.Redis, settings: S
                                webhook_secret=secrets.token_urlsafe(24), linked_at=time.time())
         links.write_link(store, r, link)
         if current is not None and current.project != name:
-            store.delete(keys.labelstudio_link_key(current.project))  # moved to another alpipe project
+            records.delete_labelstudio_link(store, current.project)  # moved to another alpipe project
         log.info("Label Studio project %d (%s) is connected to alpipe project %s", ls_project, url, name)
         sync.enqueue_sync(r, name, settings=settings)
     return {"model_version": model_version_label(ProjectState(r, name))}

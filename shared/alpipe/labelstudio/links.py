@@ -15,9 +15,7 @@ from collections.abc import Iterable
 import redis
 from pydantic import BaseModel, Field
 
-from .. import keys
-from ..errors import NotFound
-from ..projects import jsonl_bytes, new_batch_id, new_stamp, parse_jsonl, stored_project_names
+from .. import keys, records
 from ..storage import ObjectStore
 from .label_config import ImageClassification
 
@@ -70,16 +68,13 @@ def _loaded_key(project: str, kind: str) -> str:
 
 
 def write_link(store: ObjectStore, r: redis.Redis, link: LabelStudioLink) -> None:
-    store.put_bytes(keys.labelstudio_link_key(link.project), link.model_dump_json(indent=1).encode(),
-                    "application/json")
+    records.write_labelstudio_link(store, link.project, link.model_dump_json(indent=1).encode())
     r.hset(keys.labelstudio_links_key(), str(link.ls_project), link.project)
 
 
 def read_link(store: ObjectStore, project: str) -> LabelStudioLink | None:
-    try:
-        return LabelStudioLink.model_validate_json(store.get_bytes(keys.labelstudio_link_key(project)))
-    except NotFound:
-        return None
+    data = records.read_labelstudio_link(store, project)
+    return LabelStudioLink.model_validate_json(data) if data is not None else None
 
 
 def linked_project(store: ObjectStore, r: redis.Redis, ls_project: int) -> LabelStudioLink | None:
@@ -89,7 +84,7 @@ def linked_project(store: ObjectStore, r: redis.Redis, ls_project: int) -> Label
         link = read_link(store, name.decode())
         if link is not None and link.ls_project == ls_project:
             return link
-    for project in stored_project_names(store):
+    for project in records.stored_project_names(store):
         link = read_link(store, project)
         if link is not None:
             r.hset(keys.labelstudio_links_key(), str(link.ls_project), link.project)
@@ -116,9 +111,8 @@ def _load(store: ObjectStore, r: redis.Redis, project: str, kind: str) -> None:
     if r.exists(_loaded_key(project, kind)):
         return
     mapping: dict[str, str] = {}
-    for key in store.list(keys.labelstudio_map_prefix(project, kind)):
-        if key.endswith(".jsonl"):
-            mapping.update({str(rec.id): rec.value for rec in parse_jsonl(store.get_bytes(key), MapRecord)})
+    for batch in records.read_labelstudio_map(store, project, kind, MapRecord):
+        mapping.update({str(rec.id): rec.value for rec in batch})
     pipe = r.pipeline()
     if mapping:
         pipe.hset(_map_key(project, kind), mapping=mapping)
@@ -142,9 +136,9 @@ def entries(store: ObjectStore, r: redis.Redis, project: str, kind: str) -> dict
 
 def remember(store: ObjectStore, r: redis.Redis, project: str, kind: str, pairs: Iterable[tuple[int, str]]) -> None:
     """Add entries: the batch object first, then Redis."""
-    records = [MapRecord(id=i, value=v) for i, v in pairs]
-    if not records:
+    new = [MapRecord(id=i, value=v) for i, v in pairs]
+    if not new:
         return
     _load(store, r, project, kind)
-    store.put_if_absent(keys.labelstudio_map_key(project, kind, new_stamp(), new_batch_id()), jsonl_bytes(records))
-    r.hset(_map_key(project, kind), mapping={str(rec.id): rec.value for rec in records})
+    records.write_labelstudio_map_batch(store, project, kind, new)
+    r.hset(_map_key(project, kind), mapping={str(rec.id): rec.value for rec in new})
