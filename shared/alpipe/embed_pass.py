@@ -32,12 +32,12 @@ from . import keys
 from .config import Settings
 from .model_specs import embed_input_size, project_uses_embeddings
 from .schemas import EmbeddingProgress, EmbedJob, Project
+from .state import in_chunks
 from .work import enqueue_job, unattended_shards
 
 log = logging.getLogger(__name__)
 
 EMBED_FUNC = "services.scorer.jobs.embed_shard"
-_ADD_CHUNK = 5000
 
 # Pops up to ARGV[1] pending ids into a new shard; restarts the speed clock when the pass had ended.
 # KEYS: pending, meta, plan, jobs, done. ARGV: shard size, job id prefix, now. Returns {shard, n} or nil.
@@ -92,8 +92,8 @@ def add_samples(r: redis.Redis, project: Project, sample_ids: list[str], *, sett
     if not sample_ids or not project_uses_embeddings(project):
         return 0
     added = 0
-    for start in range(0, len(sample_ids), _ADD_CHUNK):
-        added += int(r.sadd(_key(project.name, "pending"), *sample_ids[start:start + _ADD_CHUNK]))
+    for chunk in in_chunks(sample_ids):
+        added += int(r.sadd(_key(project.name, "pending"), *chunk))
     pipe = r.pipeline()
     pipe.hincrby(_key(project.name, "meta"), "total", added)
     pipe.hsetnx(_key(project.name, "meta"), "planned", planned_backbone(project))

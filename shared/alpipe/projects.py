@@ -18,7 +18,7 @@ import secrets
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
@@ -52,14 +52,11 @@ from .schemas import (
     UndoResult,
     UploadResult,
 )
-from .state import ProjectState, project_names
+from .state import ProjectState, in_chunks, project_names
 from .storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
-# Redis pipelines and HMGETs go in chunks of this many samples, so a big import is a few round
-# trips without one giant command.
-_CHUNK = 5000
 # Label posts of this process share label-log writes (alpipe.label_commit).
 _GROUP_COMMIT = GroupCommit()
 
@@ -110,11 +107,6 @@ def cold_start_score(seed: int, sample_id: str) -> float:
     """
     digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def _chunks(items: list, size: int = _CHUNK) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 def _name_list(items: list[str], limit: int = 5) -> str:
@@ -261,7 +253,7 @@ def _seed_cold_start(state: ProjectState, project: Project, pool_ids: list[str])
     """Give new pool samples a cold-start score while the cold-start ranking is the one served."""
     if not pool_ids or state.live_version() not in (None, 0):
         return
-    for chunk in _chunks(pool_ids):
+    for chunk in in_chunks(pool_ids):
         state.set_cold_start_ranking({sid: cold_start_score(project.seed, sid) for sid in chunk})
 
 
@@ -392,12 +384,12 @@ def import_dataset(project: Project, request: ImportRequest, *, store: ObjectSto
 
     state = ProjectState(r, project.name)
     splits: list[str | None] = []
-    for chunk in _chunks([s.id for s in chosen]):
+    for chunk in in_chunks([s.id for s in chosen]):
         splits.extend(state.sample_splits(chunk))
     new = [s for s, split in zip(chosen, splits, strict=True) if split is None]
     project = resolve_auto_model(project, [s.id for s in new], store=store, r=r)
     batch = records.write_sample_batch(store, project.name, new) if new else None
-    for chunk in _chunks(new):
+    for chunk in in_chunks(new):
         state.add_samples([(s.id, s.split, s.label) for s in chunk])
     if batch:
         state.count_applied()

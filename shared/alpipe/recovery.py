@@ -26,20 +26,14 @@ from .errors import NotFound, UserError
 from .projects import Busy, cold_start_score, load_project
 from .redis_lua import delete_if_equal
 from .schemas import CurvePointOut, Project, is_project_name
-from .state import ProjectState
+from .state import ProjectState, in_chunks
 from .storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 5000
 _LOCK_TTL_S = 600
 # How long a project's store may be ahead of Redis while a batch is being written (check_redis_restart).
 _SETTLE_S = 2.0
-
-
-def _chunks(items: list, size: int = _CHUNK):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 def _rebuild(state: ProjectState, store: ObjectStore, project: Project) -> dict:
@@ -47,13 +41,13 @@ def _rebuild(state: ProjectState, store: ObjectStore, project: Project) -> dict:
     n_samples = n_batches = 0
     for _key, batch in records.read_sample_batches(store, name):
         n_batches += 1
-        for chunk in _chunks(batch):
+        for chunk in in_chunks(batch):
             n_samples += state.add_samples([(s.id, s.split, s.label) for s in chunk])
     n_labels = n_log = 0
     for _key, batch in records.read_label_log(store, name):
         n_log += 1
         n_labels += len(batch)
-        for chunk in _chunks(batch):
+        for chunk in in_chunks(batch):
             state.apply_labels([rec.model_dump() for rec in chunk])
 
     pointer = records.read_pointer(store, name)
@@ -69,7 +63,7 @@ def _rebuild(state: ProjectState, store: ObjectStore, project: Project) -> dict:
                                                           test_accuracy=None).model_dump_json())
 
     pool = state.pool_ids()
-    for chunk in _chunks(pool):
+    for chunk in in_chunks(pool):
         state.set_cold_start_ranking({sid: cold_start_score(project.seed, sid) for sid in chunk})
     if not pool:
         state.set_cold_start_ranking({})

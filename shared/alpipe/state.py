@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import redis
@@ -19,8 +20,17 @@ from .redis_lua import DELETE_IF_EQUAL_LUA, bound
 from .schemas import COLD_START_PICK_FLOOR
 
 PROJECTS_KEY = "alpipe:projects"
+# Redis pipelines and HMGETs over many samples go in chunks of this many, so a big import or a rebuild is a
+# few round trips without one giant command.
+SAMPLE_CHUNK = 5000
 _VOTES_CHUNK = 500  # votes read per HMGET: a 10,000-label import does not make one huge reply
 _WRITE_SLICE = 250  # samples per ranking write, so no single Redis command holds up labelers' requests
+
+def in_chunks(items: list, size: int = SAMPLE_CHUNK) -> Iterator[list]:
+    """items in consecutive slices of at most size."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
 
 # Leases the top n available samples of the live ranking in one atomic step, so two labelers never
 # get the same sample. Falls back to random pool members when the ranking runs dry (a pool_size
