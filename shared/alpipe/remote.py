@@ -13,14 +13,12 @@ import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 
 from .api_client import ApiClient
 from .data import load_dataset
 from .loop import ExperimentConfig
 from .results import CurvePoint
-from .schemas import TrainOptions
 from .storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -100,7 +98,7 @@ def run_remote(api: ApiClient, *, strategy: str, seed: int, config: ExperimentCo
                oracle: dict[str, str], experiment: str, round_timeout_s: float) -> list[CurvePoint]:
     """One learning curve through the API."""
     name = project_name(experiment, strategy, seed)
-    training = {k: v for k, v in asdict(config.train).items() if k in TrainOptions.model_fields}
+    training = config.train.as_dict()  # TrainConfig's fields are TrainOptions': the API body as it is
     api.json("POST", "/projects", json={
         "name": name, "classes": classes, "strategy": strategy, "query_size": config.query_size,
         "cold_start": config.cold_start, "mc_samples": config.mc_samples,
