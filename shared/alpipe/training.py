@@ -218,7 +218,46 @@ def _fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, spec: 
             break
     if best_state is not None:
         model.load_state_dict(best_state)
+    recalibrate_batchnorm(model, images, spec=spec, device=device, seed=seed)
     return FitResult(epochs=epoch, holdout_accuracy=best_acc if val is not None else None)
+
+
+# Enough images for stable BatchNorm statistics; a larger labeled set is subsampled (seeded).
+BN_RECALIBRATION_IMAGES = 2048
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, *, spec: ModelSpec | None, device: torch.device,
+                          seed: int, batch_size: int = 256) -> None:
+    """Recompute every BatchNorm layer's running statistics over the labeled images, unaugmented ("precise
+    BN", Wu & Johnson 2021).
+
+    Training leaves running averages of the last, shifted mini-batches of a few hundred images, and the
+    model is evaluated, scored and served with them: measured on mnist5k, they moved test accuracy up to
+    3 points from one round to the next. Averaged over the whole set instead, every strategy's curve is
+    smoother and higher (README, Training). A model without BatchNorm is left as it is.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers or len(images) < 2:
+        return
+    if len(images) > BN_RECALIBRATION_IMAGES:
+        generator = torch.Generator().manual_seed(seed)
+        images = images[torch.randperm(len(images), generator=generator)[:BN_RECALIBRATION_IMAGES]]
+    momenta = [layer.momentum for layer in layers]
+    model.eval()  # dropout off; only the BatchNorm layers see the batches in training mode
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average over all batches, not an exponential one
+        layer.train()
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            if len(batch) > 1 or start == 0:  # a last batch of one image breaks BatchNorm1d and adds little
+                model(model_inputs(batch, spec, device))
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+        model.eval()
 
 
 def round_seed(seed: int, round_no: int) -> int:

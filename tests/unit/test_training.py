@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
+from alpipe import training
 from alpipe.errors import UserError
 from alpipe.models import build_model, get_model_spec
-from alpipe.training import TrainConfig, carve_validation, evaluate, fit, fixed_epochs
+from alpipe.training import TrainConfig, carve_validation, evaluate, fit, fixed_epochs, recalibrate_batchnorm
 
 SPEC = get_model_spec("small_cnn")
 CPU = torch.device("cpu")
@@ -77,3 +78,41 @@ def test_validation_is_stratified_and_keeps_a_training_example_per_class():
     labels = np.array([0] * 10 + [1] * 5 + [2] * 1)
     mask = carve_validation(labels, fraction=0.2, rng=np.random.default_rng(0))
     assert mask[labels == 0].sum() == 2 and mask[labels == 1].sum() == 1 and mask[labels == 2].sum() == 0
+
+
+def test_batchnorm_statistics_are_recomputed_over_the_whole_set():
+    """Known answer: one BatchNorm layer over one batch gets that batch's mean and (unbiased) variance."""
+    net = torch.nn.Sequential(torch.nn.BatchNorm1d(3), torch.nn.Dropout(0.5))
+    net.train()
+    net(torch.randn(8, 3) * 5 + 7)  # stale statistics from "training"
+    x = torch.tensor([[0.0, 1.0, 2.0], [2.0, 3.0, 6.0], [4.0, 5.0, 10.0]])
+    recalibrate_batchnorm(net, x, spec=None, device=CPU, seed=0)
+    bn = net[0]
+    assert torch.allclose(bn.running_mean, torch.tensor([2.0, 3.0, 6.0]))
+    assert torch.allclose(bn.running_var, torch.tensor([4.0, 4.0, 16.0]))
+    assert bn.momentum == 0.1 and not net.training  # its momentum back, the model in eval mode
+
+
+def test_recalibration_caps_the_images_it_reads_and_leaves_models_without_batchnorm_alone(monkeypatch):
+    seen = []
+    net = torch.nn.Sequential(torch.nn.BatchNorm1d(2))
+    net.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
+    monkeypatch.setattr(training, "BN_RECALIBRATION_IMAGES", 6)
+    recalibrate_batchnorm(net, torch.randn(12, 2), spec=None, device=CPU, seed=0, batch_size=4)
+    assert seen == [4, 2]
+    seen.clear()
+    recalibrate_batchnorm(net, torch.randn(5, 2), spec=None, device=CPU, seed=0, batch_size=4)
+    assert seen == [4]  # a last batch of one image is left out
+    linear = torch.nn.Linear(2, 2)
+    before = {k: v.clone() for k, v in linear.state_dict().items()}
+    recalibrate_batchnorm(linear, torch.randn(4, 2), spec=None, device=CPU, seed=0)
+    assert all(torch.equal(before[k], v) for k, v in linear.state_dict().items())
+
+
+def test_fit_leaves_batchnorm_statistics_of_the_unaugmented_training_images():
+    x, y = toy_images(40)
+    net = model()
+    fit(net, x, y, spec=SPEC, config=TrainConfig(stop="epochs:2"), device=CPU, seed=0)
+    fitted = net.features[1].running_mean.clone()
+    recalibrate_batchnorm(net, x, spec=SPEC, device=CPU, seed=0)  # again: nothing left to change
+    assert torch.allclose(net.features[1].running_mean, fitted)
