@@ -11,8 +11,10 @@ import httpx
 
 from .errors import UserError
 
-# What the user can do about a refusal; said after the API's own reason.
-_HINTS = {401: " (pass --token or set ALPIPE_TOKEN)", 403: " (this token may not do that)"}
+# What the user can do about a refusal; said after the API's own reason. A 401's depends on the command
+# (ApiClient's token_hint): `alpipe label` has --token, `simulate --api` reads ALPIPE_TOKEN only.
+TOKEN_HINT = "pass --token or set ALPIPE_TOKEN"
+_FORBIDDEN_HINT = "this token may not do that"
 
 
 class ApiError(UserError):
@@ -23,16 +25,18 @@ class ApiError(UserError):
         self.status = status
 
 
-def api_error(method: str, path: str, response: httpx.Response) -> ApiError:
-    """The ApiError for a read non-2xx response: `METHOD path failed (status): reason`, reason being the
-    body's `message` or `detail` (FastAPI's), else the body as text, else the status's reason phrase."""
+def api_error(method: str, path: str, response: httpx.Response, *, token_hint: str = TOKEN_HINT) -> ApiError:
+    """The ApiError for a read non-2xx response: `METHOD path failed (status): reason (hint)`, reason being
+    the body's `message` or `detail` (FastAPI's), else the body as text, else the status's reason phrase;
+    a 401 or 403 ends with what to do about it."""
     try:
         body = response.json()
     except ValueError:
         body = None
     detail = (body.get("message") or body.get("detail")) if isinstance(body, dict) else None
     detail = detail or response.text.strip() or response.reason_phrase
-    return ApiError(f"{method} {path} failed ({response.status_code}): {detail}{_HINTS.get(response.status_code, '')}",
+    hint = {401: token_hint, 403: _FORBIDDEN_HINT}.get(response.status_code)
+    return ApiError(f"{method} {path} failed ({response.status_code}): {detail}" + (f" ({hint})" if hint else ""),
                     response.status_code)
 
 
@@ -40,12 +44,14 @@ class ApiClient:
     """Client of the alpipe API: the bearer token on every request; a non-2xx answer raises ApiError and an
     unreachable API a UserError, each one line. No retries: the callers that wait on the API poll themselves.
 
-    timeout_s is each caller's choice (a whole export can take minutes, a label call should not).
+    timeout_s is each caller's choice (a whole export can take minutes, a label call should not); token_hint
+    says how this command's user passes a token, after a 401.
     """
 
-    def __init__(self, base_url: str, *, timeout_s: float, token: str = ""):
+    def __init__(self, base_url: str, *, timeout_s: float, token: str = "", token_hint: str = TOKEN_HINT):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.base_url = base_url.rstrip("/")
+        self.token_hint = token_hint
         self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
 
     def __enter__(self) -> ApiClient:
@@ -71,7 +77,7 @@ class ApiClient:
         except httpx.TransportError as e:
             raise self._unreachable(e) from None
         if response.status_code >= 400:
-            raise api_error(method, path, response)
+            raise api_error(method, path, response, token_hint=self.token_hint)
         return response
 
     def json(self, method: str, path: str, **kwargs):
@@ -87,7 +93,7 @@ class ApiClient:
             with self.http.stream("GET", path, params=params) as response:
                 if response.status_code >= 400:
                     response.read()
-                    raise api_error("GET", path, response)
+                    raise api_error("GET", path, response, token_hint=self.token_hint)
                 size = 0
                 with open(partial, "wb") as f:
                     for chunk in response.iter_bytes():

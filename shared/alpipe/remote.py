@@ -146,7 +146,7 @@ def simulate_via_api(config: ExperimentConfig, *, api_url: str, store: ObjectSto
     config.validate()
     manifest = load_dataset(config.dataset, store=store, cache_dir=cache_dir)
     oracle = {s.id: s.label for s in manifest.samples if s.label is not None}
-    with ApiClient(api_url, timeout_s=120.0, token=token) as api:
+    with ApiClient(api_url, timeout_s=120.0, token=token, token_hint="set ALPIPE_TOKEN") as api:
         api.json("GET", "/health")
         runs = [(strategy, seed) for seed in range(config.seeds) for strategy in config.strategies]
         with ThreadPoolExecutor(max_workers=len(runs)) as pool:

@@ -8,7 +8,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
+
+from alpipe.train_config import TrainConfig
 
 CONTRACT = ["strategy", "seed", "round", "n_labeled", "test_accuracy"]
 
@@ -58,6 +61,12 @@ def test_short_simulate_run_writes_the_contract(data_dir, tmp_path):
     assert "label_savings" not in summary["strategies"]["random"]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "curves.png" in result.stdout
+    # The final model of each run, in the trainer's checkpoint shape: no optimizer state, the same config.
+    checkpoint = torch.load(data_dir / "store" / "experiments" / "short" / "checkpoints" / "margin-seed1.pt",
+                            weights_only=True)
+    assert "optimizer" not in checkpoint and checkpoint["model_version"] == 3
+    assert checkpoint["config"] == {"train": TrainConfig(stop="epochs:2").as_dict(), "n_labeled": 60, "seed": 1,
+                                    "source": "short/margin"}
 
 
 def png(value: int) -> bytes:

@@ -328,6 +328,9 @@ def test_label_bursts_coalesce_and_last_model_sees_every_label(redis_url, redis_
     assert pointer.version == versions[-1] and pointer.n_labeled == total
     last = read_checkpoint(local_store, pointer.key)
     assert last["config"]["n_labeled"] == total
+    # The loop's shape too (test_simulate_cli): how it trained, on how many labels, seed, source; no optimizer.
+    assert set(last["config"]) == {"train", "n_labeled", "seed", "source"} and last["config"]["source"] == name
+    assert "optimizer" not in last
     curve = setup.state.curve()
     assert [p["model_version"] for p in curve] == versions
     labeled = [p["n_labeled"] for p in curve]

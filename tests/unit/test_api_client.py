@@ -79,6 +79,10 @@ def test_token_and_auth_hint(url: str) -> None:
             api.json("GET", "/admin")
     with ApiClient(url, timeout_s=5) as api:
         assert api.json("GET", "/me") == {"auth": None}
+    # A command without --token (simulate --api) names the way its user has.
+    with ApiClient(url, timeout_s=5, token_hint="set ALPIPE_TOKEN") as api:
+        with pytest.raises(ApiError, match=r"failed \(401\): missing token \(set ALPIPE_TOKEN\)$"):
+            api.json("GET", "/admin")
 
 
 def test_download_is_whole_or_nothing(url: str, tmp_path: Path) -> None:
