@@ -41,6 +41,7 @@ from rq.job import JobStatus
 from . import cold_start, embed_pass, keys
 from .config import Settings, get_settings
 from .errors import NotFound, StoreUnavailable
+from .procs import lower_cpu_priority
 from .records import read_project
 from .redis_lua import delete_if_equal
 from .schemas import Project, ScoreJob, TrainJob
@@ -390,8 +391,7 @@ def run_worker(kind: str, queue_name: str, r: redis.Redis, *, burst: bool = Fals
     """
     from rq import SimpleWorker
 
-    if nice > 0:
-        os.nice(nice)
+    lower_cpu_priority(nice)
 
     worker = SimpleWorker([Queue(queue_name, connection=r)], connection=r,
                           name=name or f"{kind}-{socket.gethostname()}-{os.getpid()}")

@@ -2,6 +2,7 @@
 
 import io
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,3 +66,38 @@ def test_train_config_mirrors_the_project_and_needs_a_test_split_for_test_holdou
     config = train_config(project, has_test=True)
     assert (config.stop, config.holdout, config.lr, config.augment) == ("epochs:3", "test", 0.05, False)
     assert train_config(project, has_test=False).holdout == "labeled"
+
+
+_REPORT_PRIORITY = """
+import os, sys
+from pathlib import Path
+from alpipe.procs import AUTOGROUP, lower_cpu_priority
+before = AUTOGROUP.read_text().split()[-1]
+lowered = lower_cpu_priority(int(sys.argv[1]))
+print(lowered, os.nice(0), before, AUTOGROUP.read_text().split()[-1])
+"""
+
+
+def _priority_report(nice: int, *, own_session: bool) -> list[str]:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _REPORT_PRIORITY, str(nice)], capture_output=True, text=True,
+                         check=True, start_new_session=own_session).stdout
+    return out.split()
+
+
+@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(), reason="the kernel has no autogroup scheduling")
+def test_a_worker_leading_its_session_lowers_its_autogroup_so_nice_counts_against_the_api():
+    # `alpipe up` starts each worker in a session of its own: without the autogroup's nice, the
+    # scheduler would share the CPU equally between the worker's session and the API's.
+    lowered, nice, _, group_nice = _priority_report(10, own_session=True)
+    assert (lowered, nice, group_nice) == ("True", "10", "10")
+
+
+@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(), reason="the kernel has no autogroup scheduling")
+def test_a_worker_in_someone_elses_session_lowers_only_itself():
+    lowered, nice, before, group_nice = _priority_report(10, own_session=False)
+    assert (lowered, nice, group_nice) == ("False", "10", before)
+    lowered, nice, before, group_nice = _priority_report(0, own_session=True)
+    assert (lowered, nice, group_nice) == ("False", "0", before)
