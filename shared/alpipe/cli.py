@@ -12,7 +12,7 @@ from typing import Literal, get_args, get_origin
 from .config import get_settings
 from .errors import UserError
 from .strategies import COLD_STARTS
-from .train_config import TrainConfig, TrainOptions
+from .train_config import TrainConfig, TrainOptions, check_train_options
 
 log = logging.getLogger("alpipe")
 
@@ -43,6 +43,7 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     flags = {name: getattr(args, name) for name in TRAINING_FLAGS}
     switches = {name: not getattr(args, switch) for name, (switch, _) in TRAINING_SWITCHES.items()}
+    check_train_options(flags, spell=lambda field: f"--{field.replace('_', '-')}")  # errors name the flag
     return TrainConfig(**flags, **switches)
 
 

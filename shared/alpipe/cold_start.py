@@ -22,7 +22,7 @@ import logging
 import numpy as np
 import redis
 
-from . import embed_pass
+from . import embed_pass, keys
 from .config import Settings
 from .model_specs import AUTO
 from .schemas import Project
@@ -74,7 +74,7 @@ def maybe_enqueue(r: redis.Redis, project: Project, *, settings: Settings) -> st
     # log and rq's failed registry): a poison pool must not be re-queued every reconciler pass.
     if status is not None:
         return None
-    enqueue_job(r, "score", "services.scorer.jobs.cold_start", {"project": project.name, "pool_total": total},
+    enqueue_job(r, keys.QUEUE_SCORE, keys.JOB_COLD_START, {"project": project.name, "pool_total": total},
                 jid, settings=settings, description=f"{project.name}: cold-start order over {total} images")
     return state.cold_start_job(jid)
 

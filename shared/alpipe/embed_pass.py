@@ -37,7 +37,6 @@ from .work import enqueue_job, unattended_shards
 
 log = logging.getLogger(__name__)
 
-EMBED_FUNC = "services.scorer.jobs.embed_shard"
 
 # Pops up to ARGV[1] pending ids into a new shard; restarts the speed clock when the pass had ended.
 # KEYS: pending, meta, plan, jobs, done. ARGV: shard size, job id prefix, now. Returns {shard, n} or nil.
@@ -130,7 +129,8 @@ def _enqueue(r: redis.Redis, project: Project, shard: int, *, attempt: int, sett
         raise RuntimeError(f"{project.name}: embedding shard {shard} has no plan")
     payload = EmbedJob(project=project.name, backbone=planned_backbone(project), shard=shard,
                        sample_ids=json.loads(raw)).model_dump(mode="json")
-    enqueue_job(r, keys.QUEUE_SCORE, EMBED_FUNC, payload, _job_id(project.name, shard, attempt), settings=settings,
+    enqueue_job(r, keys.QUEUE_SCORE, keys.JOB_EMBED_SHARD, payload, _job_id(project.name, shard, attempt),
+                settings=settings,
                 description=f"embed {project.name} shard {shard}" + (f" (attempt {attempt})" if attempt > 1 else ""))
 
 

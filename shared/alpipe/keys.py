@@ -1,4 +1,4 @@
-"""The one place where object keys, Redis keys and queue names are spelled.
+"""The one place where object keys, Redis keys, queue names and rq job paths are spelled.
 
 Object keys (the durable source of truth):
     images/<sha256>                              image bytes, content-addressed
@@ -24,6 +24,14 @@ Object keys (the durable source of truth):
 
 QUEUE_TRAIN = "train"
 QUEUE_SCORE = "score"
+
+# The rq jobs the workers run, by import path: the library enqueues them without importing the services.
+JOB_TRAIN = "services.trainer.jobs.train"
+JOB_SCORE_SHARD = "services.scorer.jobs.score_shard"
+JOB_EMBED_SHARD = "services.scorer.jobs.embed_shard"
+JOB_COLD_START = "services.scorer.jobs.cold_start"
+JOB_LABELSTUDIO_INGEST = "services.scorer.jobs.labelstudio_ingest"
+JOB_LABELSTUDIO_PUSH = "services.scorer.jobs.labelstudio_push"
 
 # --- object storage -------------------------------------------------------------------------------
 

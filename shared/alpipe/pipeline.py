@@ -32,6 +32,7 @@ import os
 import socket
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import redis
@@ -41,7 +42,6 @@ from rq.job import JobStatus
 from . import cold_start, embed_pass, keys
 from .config import Settings, get_settings
 from .errors import NotFound, StoreUnavailable
-from .procs import lower_cpu_priority
 from .records import read_project
 from .redis_lua import delete_if_equal
 from .schemas import Project, ScoreJob, TrainJob
@@ -63,8 +63,6 @@ from .work import (  # noqa: F401  (re-exported: the orchestration's public name
 
 log = logging.getLogger(__name__)
 
-TRAIN_FUNC = "services.trainer.jobs.train"
-SCORE_FUNC = "services.scorer.jobs.score_shard"
 
 # The slot outlives any sane queue wait; the reconciler frees it sooner when its job is gone.
 TRAIN_SLOT_TTL_S = 6 * 3600
@@ -142,7 +140,7 @@ def maybe_enqueue_train(r: redis.Redis, project: Project, *, settings: Settings 
         pipe.expire(attempts_key, 24 * 3600)
         pipe.execute()
         payload = TrainJob(project=project.name, requested_at=time.time()).model_dump(mode="json")
-        enqueue_job(r, keys.QUEUE_TRAIN, TRAIN_FUNC, payload, job_id, settings=settings,
+        enqueue_job(r, keys.QUEUE_TRAIN, keys.JOB_TRAIN, payload, job_id, settings=settings,
                     description=f"train {project.name} on {labeled} labels")
     except BaseException:
         state.release_train_slot(job_id)
@@ -263,7 +261,7 @@ def _fan_out(r: redis.Redis, state: ProjectState, project: Project, version: int
     for start in range(0, len(shards), _PLAN_CHUNK):
         batch = [
             Queue.prepare_data(
-                SCORE_FUNC,
+                keys.JOB_SCORE_SHARD,
                 args=(ScoreJob(project=project.name, model_version=version, shard=i, n_shards=len(shards),
                                sample_ids=shards[i]).model_dump(mode="json"),),
                 job_id=_score_job_id(project.name, version, i, 1),
@@ -308,7 +306,7 @@ def _revive_shards(r: redis.Redis, project: Project, version: int, n_shards: int
         r.hset(jobs_key, str(i), new_id)
         payload = ScoreJob(project=project.name, model_version=version, shard=i, n_shards=n_shards,
                            sample_ids=json.loads(raw)).model_dump(mode="json")
-        enqueue_job(r, keys.QUEUE_SCORE, SCORE_FUNC, payload, new_id, settings=settings,
+        enqueue_job(r, keys.QUEUE_SCORE, keys.JOB_SCORE_SHARD, payload, new_id, settings=settings,
                     description=f"score {project.name} v{version} shard {i + 1}/{n_shards} (attempt {attempt})")
         log.warning("%s: v%d shard %d: job %s was %s with no heartbeat; re-sent as %s",
                     project.name, version, i, job_id, status or "missing", new_id)
@@ -379,6 +377,37 @@ def reconcile(r: redis.Redis, store: ObjectStore, settings: Settings) -> dict:
 
 
 # --- workers ------------------------------------------------------------------------------------------
+
+
+AUTOGROUP = Path("/proc/self/autogroup")
+
+
+def lower_cpu_priority(nice: int, *, autogroup: Path = AUTOGROUP, attempts: int = 20) -> bool:
+    """Lower this process's CPU priority by nice; True when its session's autogroup was lowered too.
+
+    With Linux's autogroup scheduling (sched_autogroup_enabled, on in most distributions), the CPU is
+    shared fairly between sessions first, and a task's nice value only counts inside its session. A
+    worker that `alpipe up` starts in a session of its own would then compete with the API as an
+    equal, whatever its nice. So when this process leads its session (its autogroup holds only what
+    it started), the autogroup gets the same nice. A worker run in a terminal's session leaves that
+    session's group alone: lowering it would slow the shell too.
+    """
+    if nice <= 0:
+        return False
+    os.nice(nice)
+    if os.getsid(0) != os.getpid() or not autogroup.exists():
+        return False
+    for _ in range(attempts):
+        try:
+            autogroup.write_text(str(nice))
+            return True
+        except BlockingIOError:
+            # The kernel takes one autogroup change per 100 ms across the host (EAGAIN): workers
+            # started together wait their turn.
+            time.sleep(0.11)
+        except OSError:
+            return False
+    return False
 
 
 def run_worker(kind: str, queue_name: str, r: redis.Redis, *, burst: bool = False, name: str | None = None,

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 
@@ -64,34 +63,3 @@ def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
         except ProcessLookupError:
             pass
         proc.wait(timeout=timeout)
-
-
-AUTOGROUP = Path("/proc/self/autogroup")
-
-
-def lower_cpu_priority(nice: int, *, autogroup: Path = AUTOGROUP, attempts: int = 20) -> bool:
-    """Lower this process's CPU priority by nice; True when its session's autogroup was lowered too.
-
-    With Linux's autogroup scheduling (sched_autogroup_enabled, on in most distributions), the CPU is
-    shared fairly between sessions first, and a task's nice value only counts inside its session. A
-    worker that `alpipe up` starts in a session of its own would then compete with the API as an
-    equal, whatever its nice. So when this process leads its session (its autogroup holds only what
-    it started), the autogroup gets the same nice. A worker run in a terminal's session leaves that
-    session's group alone: lowering it would slow the shell too.
-    """
-    if nice <= 0:
-        return False
-    os.nice(nice)
-    if os.getsid(0) != os.getpid() or not autogroup.exists():
-        return False
-    for _ in range(attempts):
-        try:
-            autogroup.write_text(str(nice))
-            return True
-        except BlockingIOError:
-            # The kernel takes one autogroup change per 100 ms across the host (EAGAIN): workers
-            # started together wait their turn.
-            time.sleep(0.11)
-        except OSError:
-            return False
-    return False

@@ -8,6 +8,7 @@ TrainConfig, what the training code reads, is built from its fields.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, field, make_dataclass
 from typing import Literal
 
@@ -44,17 +45,24 @@ class TrainOptions(BaseModel):
     augment: bool = True  # small random shifts: cheap, and they help most when labels are few
 
 
+def check_train_options(values: dict, *, spell: Callable[[str], str] = "training option {}".format) -> None:
+    """A UserError for the first value out of TrainOptions' bounds, naming it as spell(field) (the CLI
+    names its flag); an unknown stopping rule is one too."""
+    if "stop" in values:
+        fixed_epochs(values["stop"])
+    try:
+        TrainOptions.model_validate(values)
+    except ValidationError as e:
+        error = e.errors()[0]
+        where = spell(".".join(str(part) for part in error["loc"]))
+        raise UserError(f"{where}: {error['msg']}, got {error['input']!r}") from None
+
+
 class _Checked:
     """What TrainConfig adds to TrainOptions' fields: checks at construction, as_dict."""
 
     def __post_init__(self) -> None:
-        fixed_epochs(self.stop)  # validates the rule
-        try:
-            TrainOptions.model_validate(asdict(self))
-        except ValidationError as e:
-            error = e.errors()[0]
-            where = ".".join(str(part) for part in error["loc"])
-            raise UserError(f"training option {where}: {error['msg']}, got {error['input']!r}") from None
+        check_train_options(asdict(self))
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -480,14 +480,14 @@ def test_jobs_run_twice_change_nothing(redis_url, redis_client, local_store):
 
     # The same score job again (a redelivery): it sees its shard done and changes nothing.
     payload = Queue(keys.QUEUE_SCORE, connection=r).fetch_job(f"score-{name}-v1-s0").args[0]
-    pipeline.enqueue_job(r, keys.QUEUE_SCORE, pipeline.SCORE_FUNC, payload, f"score-{name}-v1-s0",
+    pipeline.enqueue_job(r, keys.QUEUE_SCORE, keys.JOB_SCORE_SHARD, payload, f"score-{name}-v1-s0",
                       settings=settings, description="again")
     run_burst(r, keys.QUEUE_SCORE)
     assert ranking(r, setup.state, 1) == first
 
     # A redelivery after scores were written but before the shard was marked done: same scores again.
     r.srem(setup.state.key("ranking", 1, "done"), 0)
-    pipeline.enqueue_job(r, keys.QUEUE_SCORE, pipeline.SCORE_FUNC, payload, f"score-{name}-v1-s0",
+    pipeline.enqueue_job(r, keys.QUEUE_SCORE, keys.JOB_SCORE_SHARD, payload, f"score-{name}-v1-s0",
                       settings=settings, description="again")
     run_burst(r, keys.QUEUE_SCORE)
     assert ranking(r, setup.state, 1) == first
@@ -495,7 +495,7 @@ def test_jobs_run_twice_change_nothing(redis_url, redis_client, local_store):
 
     # A train job with nothing due is a no-op: no checkpoint, no pointer move, no new scoring.
     assert pipeline.maybe_enqueue_train(r, setup.project, settings=settings) is None
-    pipeline.enqueue_job(r, keys.QUEUE_TRAIN, pipeline.TRAIN_FUNC, {"project": name, "requested_at": time.time()},
+    pipeline.enqueue_job(r, keys.QUEUE_TRAIN, keys.JOB_TRAIN, {"project": name, "requested_at": time.time()},
                       f"train-{name}-manual", settings=settings, description="nothing due")
     run_burst(r, keys.QUEUE_TRAIN)
     result = Queue(keys.QUEUE_TRAIN, connection=r).fetch_job(f"train-{name}-manual").return_value()
@@ -558,7 +558,7 @@ def test_reconcile_resends_lost_work_and_gives_up_on_poison(redis_url, redis_cli
     # A due train whose queued job failed: the slot is freed and a new job queued.
     give_labels(local_store, setup, 10, batch="b2")
     assert state.claim_train_slot("train-bogus", 600)
-    pipeline.enqueue_job(r, keys.QUEUE_TRAIN, pipeline.TRAIN_FUNC, {"project": "no-such", "requested_at": 0.0},
+    pipeline.enqueue_job(r, keys.QUEUE_TRAIN, keys.JOB_TRAIN, {"project": "no-such", "requested_at": 0.0},
                          "train-bogus", settings=settings, description="fails")
     assert pipeline.reconcile(r, local_store, settings)["train"] == {}  # queued: it will run
     run_burst(r, keys.QUEUE_TRAIN)

@@ -71,10 +71,25 @@ def test_simulate_flags_set_the_config():
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--patience", "0"], "patience: Input should be greater than or equal to 1"),
-    (["--max-epochs", "1001"], "max_epochs: Input should be less than or equal to 1000"),
+    (["--patience", "0"], "^--patience: Input should be greater than or equal to 1, got 0$"),
+    (["--max-epochs", "1001"], "^--max-epochs: Input should be less than or equal to 1000, got 1001$"),
+    (["--batch-size", "1"], "^--batch-size: Input should be greater than or equal to 2, got 1$"),
     (["--stop", "forever"], "unknown stopping rule 'forever'"),
 ])
 def test_simulate_flags_out_of_the_models_bounds_are_user_errors(flags, message):
     with pytest.raises(UserError, match=message):
         _train_config(build_parser().parse_args(["simulate", *flags]))
+
+
+def test_every_job_path_names_a_function_of_the_services():
+    """The library enqueues worker jobs by import path (keys.JOB_*) without importing the services; a
+    renamed job function would otherwise fail only when a worker picks the job up."""
+    import importlib
+
+    from alpipe import keys
+
+    paths = {name: value for name, value in vars(keys).items() if name.startswith("JOB_")}
+    assert len(paths) == 6
+    for name, path in paths.items():
+        module, _, function = path.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), function, None)), f"keys.{name} = {path!r}"

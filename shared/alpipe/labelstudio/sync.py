@@ -29,15 +29,14 @@ from .links import ANNOTATIONS, TASKS
 
 log = logging.getLogger(__name__)
 
-SYNC_FUNC = "services.scorer.jobs.labelstudio_ingest"
-PUSH_FUNC = "services.scorer.jobs.labelstudio_push"
 # Tasks are ingested in groups of this many: one sample batch and one task-map object each.
 INGEST_CHUNK = 200
 
 
 def enqueue_sync(r: redis.Redis, project: str, *, settings: Settings) -> str | None:
-    return enqueue_unless_pending(r, keys.QUEUE_SCORE, SYNC_FUNC, {"project": project}, f"labelstudio-sync-{project}",
-                                  settings=settings, description=f"{project}: ingest Label Studio's tasks")
+    return enqueue_unless_pending(r, keys.QUEUE_SCORE, keys.JOB_LABELSTUDIO_INGEST, {"project": project},
+                                  f"labelstudio-sync-{project}", settings=settings,
+                                  description=f"{project}: ingest Label Studio's tasks")
 
 
 def enqueue_push(store: ObjectStore, r: redis.Redis, project: str, *, settings: Settings) -> str | None:
@@ -47,7 +46,7 @@ def enqueue_push(store: ObjectStore, r: redis.Redis, project: str, *, settings: 
     from .backend import model_version_label
 
     label = model_version_label(ProjectState(r, project))
-    return enqueue_unless_pending(r, keys.QUEUE_SCORE, PUSH_FUNC, {"project": project},
+    return enqueue_unless_pending(r, keys.QUEUE_SCORE, keys.JOB_LABELSTUDIO_PUSH, {"project": project},
                                   f"labelstudio-push-{project}-{label}", settings=settings,
                                   description=f"{project}: push {label} predictions to Label Studio")
 
