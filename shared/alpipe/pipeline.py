@@ -382,7 +382,7 @@ def reconcile(r: redis.Redis, store: ObjectStore, settings: Settings) -> dict:
 AUTOGROUP = Path("/proc/self/autogroup")
 
 
-def lower_cpu_priority(nice: int, *, autogroup: Path = AUTOGROUP, attempts: int = 20) -> bool:
+def lower_cpu_priority(nice: int) -> bool:
     """Lower this process's CPU priority by nice; True when its session's autogroup was lowered too.
 
     With Linux's autogroup scheduling (sched_autogroup_enabled, on in most distributions), the CPU is
@@ -395,15 +395,15 @@ def lower_cpu_priority(nice: int, *, autogroup: Path = AUTOGROUP, attempts: int 
     if nice <= 0:
         return False
     os.nice(nice)
-    if os.getsid(0) != os.getpid() or not autogroup.exists():
+    if os.getsid(0) != os.getpid() or not AUTOGROUP.exists():
         return False
-    for _ in range(attempts):
+    for _ in range(20):
         try:
-            autogroup.write_text(str(nice))
+            AUTOGROUP.write_text(str(nice))
             return True
         except BlockingIOError:
-            # The kernel takes one autogroup change per 100 ms across the host (EAGAIN): workers
-            # started together wait their turn.
+            # Without CAP_SYS_ADMIN the kernel takes one autogroup change per 100 ms across the host
+            # (EAGAIN): workers started together wait their turn.
             time.sleep(0.11)
         except OSError:
             return False

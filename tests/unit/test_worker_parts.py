@@ -70,7 +70,6 @@ def test_train_config_mirrors_the_project_and_needs_a_test_split_for_test_holdou
 
 _REPORT_PRIORITY = """
 import os, sys
-from pathlib import Path
 from alpipe.pipeline import AUTOGROUP, lower_cpu_priority
 before = AUTOGROUP.read_text().split()[-1]
 lowered = lower_cpu_priority(int(sys.argv[1]))
