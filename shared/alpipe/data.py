@@ -194,6 +194,9 @@ def load_dataset(source: str, *, store: ObjectStore, cache_dir: Path) -> Dataset
         if stored is not None:
             return stored
         return ingest_folder(materialize_builtin(source, cache_dir), store=store, name=source)
+    if not source.strip():
+        # Path("") is the current directory: an empty name would ingest whatever folder the process runs in.
+        raise UserError(f"no dataset given: name a built-in ({', '.join(BUILTIN_DATASETS)}) or an ImageFolder path")
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"unknown dataset {source!r}: not a built-in ({', '.join(BUILTIN_DATASETS)}) "

@@ -95,8 +95,8 @@ class Project(ProjectCreate):
 class ImportRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    dataset: str = Field(description="a built-in dataset (mnist5k, digits, photos) or an ImageFolder path "
-                                     "on the server")
+    dataset: str = Field(min_length=1, description="a built-in dataset (mnist5k, digits, photos) or an ImageFolder "
+                                                   "path on the server")
     test_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: int = 0
     limit: int = Field(0, ge=0, description="import only the first N images (0 = all), for quick trials")

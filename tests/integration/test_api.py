@@ -258,6 +258,8 @@ def test_import_rejections(app_for, local: ObjectStore, folder: Path) -> None:
     unknown = client.post("/projects/pets/samples/import", json={"dataset": "imagenet-22k"})
     assert unknown.status_code == 400
     assert "unknown dataset 'imagenet-22k'" in unknown.json()["detail"]
+    empty = client.post("/projects/pets/samples/import", json={"dataset": ""})
+    assert empty.status_code == 422 and "at least 1 character" in empty.text
     new_project(client, name="birds", classes=["owl", "jay"])
     mismatch = client.post("/projects/birds/samples/import", json={"dataset": str(folder)})
     assert mismatch.status_code == 422

@@ -97,6 +97,15 @@ def test_unknown_dataset_is_a_user_error(tmp_path, store):
         load_dataset("mnist6k", store=store, cache_dir=tmp_path)
 
 
+@pytest.mark.parametrize("source", ["", "  "])
+def test_an_empty_dataset_name_is_a_user_error_not_the_current_directory(tmp_path, store, monkeypatch, source):
+    monkeypatch.chdir(tmp_path)  # a folder that holds an image: ingesting "." would succeed
+    Image.new("L", (8, 8)).save(tmp_path / "x.png")
+    with pytest.raises(UserError, match="no dataset given.*mnist5k"):
+        load_dataset(source, store=store, cache_dir=tmp_path / "cache")
+    assert not list(store.list(""))
+
+
 def test_builtin_digits_materializes_through_the_folder_path(tmp_path, store):
     manifest = load_dataset("digits", store=store, cache_dir=tmp_path / "cache")
     assert manifest.classes == [str(i) for i in range(10)]
