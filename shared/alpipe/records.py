@@ -137,7 +137,7 @@ def write_label_batch(store: ObjectStore, project: str, records: list[LabelRecor
                       batch_id: str | None = None) -> str:
     """Append one object to the label log (durable when this returns); its key."""
     key = keys.label_log_key(project, new_stamp(), batch_id or new_batch_id())
-    store.put_if_absent(key, jsonl_bytes(records))
+    store.put_new(key, jsonl_bytes(records))
     return key
 
 

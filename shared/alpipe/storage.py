@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import logging
 import os
 import tempfile
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +17,7 @@ from typing import Any
 
 from .config import Settings
 from .errors import NotFound, StoreUnavailable
+from .journal import Journal, JournalReader, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,14 @@ class ObjectStore(ABC):
         self.put_bytes(key, data)
         return True
 
+    def put_new(self, key: str, data: bytes) -> None:
+        """Write an object under a key nobody else writes (a fresh stamp and id), durable on return.
+
+        For the label log, whose writes requests wait on. The base version is put_if_absent; the local
+        store journals it (one O_DSYNC write, see journal.py).
+        """
+        self.put_if_absent(key, data)
+
     def put_json(self, key: str, value: Any) -> None:
         self.put_bytes(key, json.dumps(value, indent=1, sort_keys=True).encode(), "application/json")
 
@@ -109,9 +120,11 @@ class LocalStore(ObjectStore):
                                                           f"{marker} says so)"))
             self.root.mkdir(parents=True, exist_ok=True)
         marker.touch(exist_ok=True)  # a store made before markers existed gets one now
+        self._journal_reader = JournalReader(self.root / JOURNAL_DIR)
 
     def _path(self, key: str) -> Path:
-        if not key or key.startswith("/") or ".." in key.split("/"):
+        parts = key.split("/")
+        if not key or key.startswith("/") or ".." in parts or parts[0] == JOURNAL_DIR:
             raise ValueError(f"invalid object key {key!r}")
         return self.root / key
 
@@ -145,15 +158,6 @@ class LocalStore(ObjectStore):
         return path
 
     @staticmethod
-    def _fsync_dir(folder: Path) -> None:
-        """Flush a directory's entries (a rename or link is durable only once its directory is)."""
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    @staticmethod
     def _write_temp(folder: Path, data: bytes) -> str:
         """A complete, fsynced temporary file in folder (removed again if writing it fails)."""
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
@@ -176,7 +180,7 @@ class LocalStore(ObjectStore):
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-            self._fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         with self._io():
@@ -185,16 +189,72 @@ class LocalStore(ObjectStore):
             try:
                 # link() fails when the target exists: an atomic create-if-absent of a complete file.
                 os.link(tmp, path)
-                self._fsync_dir(path.parent)  # the new name survives a power loss too: acknowledged = durable
+                fsync_dir(path.parent)  # the new name survives a power loss too: acknowledged = durable
                 return True
             except FileExistsError:
                 return False
             finally:
                 Path(tmp).unlink(missing_ok=True)
 
+    def put_new(self, key: str, data: bytes) -> None:
+        """Journaled: durable after one O_DSYNC write; list() and get_bytes() see it at once, exists()
+        once the journal's background thread has made it a file (milliseconds later)."""
+        with self._io():
+            self._path(key)
+            if not self.root.is_dir():
+                raise FileNotFoundError(f"{self.root} is gone")
+            journal = _process_journal(self)
+            if journal.fits(key, data):
+                journal.append(key, data)
+                return
+        self.put_if_absent(key, data)
+
+    def _put_many_if_absent(self, objects: list[tuple[str, bytes]]) -> None:
+        """Write the objects whose keys do not exist yet, durable on return, with one pair of filesystem
+        commits for all of them: every file's data first, then every name (the journal's batches)."""
+        with self._io():
+            temps: list[tuple[int, str, Path]] = []
+            try:
+                for key, data in objects:
+                    path = self._parent(key)
+                    if path.is_file():
+                        continue
+                    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+                    temps.append((fd, tmp, path))
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                for fd, _tmp, _path in temps:
+                    os.fsync(fd)  # the first fsync commits them all; the others find their data written
+                folders = set()
+                for _fd, tmp, path in temps:
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError:  # a reader or another batch made it first
+                        continue
+                    folders.add(path.parent)
+                for folder in folders:
+                    fsync_dir(folder)
+            finally:
+                for fd, tmp, _path in temps:
+                    os.close(fd)
+                    Path(tmp).unlink(missing_ok=True)
+
+    def _settle_journal(self) -> None:
+        """Make files of every journaled object, of every process, that is not a file yet."""
+        with self._io():
+            if not self.root.is_dir():
+                raise FileNotFoundError(f"{self.root} is gone")
+            self._journal_reader.settle(self._put_many_if_absent)
+
     def get_bytes(self, key: str) -> bytes:
-        with self._io(key):
-            return self._path(key).read_bytes()
+        try:
+            with self._io(key):
+                return self._path(key).read_bytes()
+        except NotFound:
+            self._settle_journal()  # it may be journaled and not a file yet
+            with self._io(key):
+                return self._path(key).read_bytes()
 
     def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         with self._io(key):
@@ -218,13 +278,16 @@ class LocalStore(ObjectStore):
             raise e  # os.walk ignores errors by default: a store it cannot read would list as empty
 
         keys = []
+        self._settle_journal()
         with self._io():
             if not self.root.is_dir():
                 raise FileNotFoundError(f"{self.root} is gone")
             # Walk only the directories the prefix can be in.
             start = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
             if start.is_dir():
-                for dirpath, _dirs, files in os.walk(start, onerror=fail):
+                for dirpath, dirs, files in os.walk(start, onerror=fail):
+                    if dirpath == str(self.root) and JOURNAL_DIR in dirs:
+                        dirs.remove(JOURNAL_DIR)
                     for name in files:
                         if name.startswith(".tmp-"):
                             continue
@@ -241,6 +304,33 @@ class LocalStore(ObjectStore):
 
     def describe(self) -> str:
         return f"local directory {self.root}"
+
+
+# The local store's write-ahead journal lives inside its root, so it moves with the store's volume.
+JOURNAL_DIR = ".journal"
+
+_journals: dict[tuple[int, Path], Journal] = {}
+_journals_lock = threading.Lock()
+
+
+def _process_journal(store: LocalStore) -> Journal:
+    """This process's journal of the store's root (one per root: every LocalStore on it shares it)."""
+    key = (os.getpid(), store.root)  # a forked child gets a journal of its own
+    with _journals_lock:
+        journal = _journals.get(key)
+        if journal is None:
+            journal = _journals[key] = Journal(store.root / JOURNAL_DIR, store._put_many_if_absent)
+            atexit.register(_close_journal, journal)
+            store._settle_journal()  # what a predecessor killed mid-way left becomes files now, not at a later list
+        return journal
+
+
+def _close_journal(journal: Journal) -> None:
+    """At exit: make files of what is journaled and delete the segments (a reader would, later)."""
+    try:
+        journal.close()
+    except Exception as e:
+        log.warning("journal %s left for the next reader: %s: %s", journal.folder, e.__class__.__name__, e)
 
 
 class S3Store(ObjectStore):

@@ -38,6 +38,7 @@ def test_a_local_store_that_is_gone_is_unavailable_never_empty(local_store: Loca
                  lambda: local_store.exists("projects/p/project.json"),
                  lambda: local_store.put_bytes("projects/p/x", b"v"),
                  lambda: local_store.put_if_absent("projects/p/y", b"v"),
+                 lambda: local_store.put_new("projects/p/labels/z.jsonl", b"v"),
                  lambda: local_store.delete("projects/p/x")):
         with pytest.raises(StoreUnavailable, match="local directory .* is unavailable"):
             call()
