@@ -61,8 +61,8 @@ def test_get_bytes_of_an_object_only_in_the_journal_finds_it(store):
     assert LocalStore(store.root).get_bytes(label_key(7)) == b"seven"
 
 
-def test_a_dead_writers_segment_is_made_into_files_and_deleted_by_the_next_reader(store):
-    """Acknowledged (the O_DSYNC write returned), then killed before any file was made: nothing is lost."""
+def kill_a_writer_after_three_appends(store: LocalStore) -> None:
+    """Three objects acknowledged (their O_DSYNC writes returned), then SIGKILL before any file was made."""
     script = textwrap.dedent(f"""
         import os, signal, sys
         from alpipe.journal import Journal
@@ -78,9 +78,20 @@ def test_a_dead_writers_segment_is_made_into_files_and_deleted_by_the_next_reade
     assert run.returncode == -signal.SIGKILL and "acknowledged" in run.stdout, run.stderr
     assert len(segments(store)) == 1 and not (store.root / "projects").exists()
 
+
+def test_a_dead_writers_segment_is_made_into_files_and_deleted_by_the_next_reader(store):
+    kill_a_writer_after_three_appends(store)
     assert list(store.list("projects/")) == [label_key(n) for n in range(3)]
     assert [store.get_bytes(label_key(n)) for n in range(3)] == [b"label 0", b"label 1", b"label 2"]
     assert segments(store) == []  # the orphan is gone once its objects are files
+
+
+def test_a_restarted_writer_takes_over_what_its_predecessor_left(store):
+    kill_a_writer_after_three_appends(store)
+    [orphan] = segments(store)
+    store.put_new(label_key(9), b"after the restart")  # the first write of a new process's journal
+    assert [(store.root / label_key(n)).read_bytes() for n in range(3)] == [b"label 0", b"label 1", b"label 2"]
+    assert orphan not in segments(store)
 
 
 def test_a_torn_entry_ends_what_a_reader_takes(store):
