@@ -211,7 +211,11 @@ class LocalStore(ObjectStore):
 
     def _put_many_if_absent(self, objects: list[tuple[str, bytes]]) -> None:
         """Write the objects whose keys do not exist yet, durable on return, with one pair of filesystem
-        commits for all of them: every file's data first, then every name (the journal's batches)."""
+        commits per 256 of them: every file's data first, then every name (the journal's batches)."""
+        for start in range(0, len(objects), 256):  # a bounded number of open files, however long the backlog
+            self._put_batch_if_absent(objects[start:start + 256])
+
+    def _put_batch_if_absent(self, objects: list[tuple[str, bytes]]) -> None:
         with self._io():
             temps: list[tuple[int, str, Path]] = []
             try:

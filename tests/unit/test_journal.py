@@ -136,3 +136,12 @@ def test_put_new_of_an_object_bigger_than_a_segment_writes_it_directly(store):
 def test_the_journal_folder_is_not_a_key(store):
     with pytest.raises(ValueError, match="invalid object key"):
         store.put_bytes(f"{JOURNAL_DIR}/x", b"v")
+
+
+def test_a_backlog_longer_than_one_batch_becomes_files(store):
+    """An outage or a flat-out import leaves hundreds journaled: they are made files a bounded batch at a time."""
+    journal = journal_of(store)
+    for n in range(600):
+        journal.append(label_key(n), f"label {n}".encode())
+    assert list(LocalStore(store.root).list("projects/p/labels/")) == [label_key(n) for n in range(600)]
+    assert (store.root / label_key(599)).read_bytes() == b"label 599"
