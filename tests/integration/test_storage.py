@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
 from alpipe.errors import NotFound
-from alpipe.storage import LocalStore, ObjectStore, S3Store
+from alpipe.storage import JOURNAL_DIR, LocalStore, ObjectStore, S3Store
 
 
 def test_put_get_round_trip(store: ObjectStore) -> None:
@@ -130,7 +132,44 @@ def test_put_if_absent_concurrent_single_winner(store: ObjectStore) -> None:
     assert store.get_bytes("race/key").startswith(b"writer-")
 
 
+def test_put_new_is_read_and_listed_at_once(store: ObjectStore) -> None:
+    """The label log's write: durable on return and visible to every reader (journaled on the local store)."""
+    for n in range(3):
+        store.put_new(f"projects/p/labels/{n:020d}-b.jsonl", f"batch {n}".encode())
+    assert list(store.list("projects/p/labels/")) == [f"projects/p/labels/{n:020d}-b.jsonl" for n in range(3)]
+    assert store.get_bytes("projects/p/labels/00000000000000000001-b.jsonl") == b"batch 1"
+
+
 # --------------------------------------------------------------------------- LocalStore only
+
+
+_JOURNAL_WRITER = """
+import sys
+from alpipe.storage import LocalStore
+store = LocalStore(sys.argv[1])
+for n in range(int(sys.argv[3])):
+    key = f"projects/p/labels/{n:06d}-{sys.argv[2]}.jsonl"
+    store.put_new(key, f"{sys.argv[2]} {n}".encode())
+    print(key, flush=True)  # acknowledged: durable from here on
+"""
+
+
+def test_local_journal_two_writer_processes_and_a_reader_listing_meanwhile(local_store: LocalStore) -> None:
+    """Every write a process acknowledged is listed and read by another process, while the writers run and
+    after they exit; a writer that exits leaves no journal segment behind."""
+    writers = [subprocess.Popen([sys.executable, "-c", _JOURNAL_WRITER, str(local_store.root), name, "300"],
+                                stdout=subprocess.PIPE, text=True) for name in ("a", "b")]
+    seen_while_running = set()
+    while any(w.poll() is None for w in writers):
+        seen_while_running.update(local_store.list("projects/p/labels/"))
+    acknowledged = {line.strip() for w in writers for line in w.stdout}
+    assert [w.returncode for w in writers] == [0, 0]
+    assert len(acknowledged) == 600 and seen_while_running <= acknowledged
+    assert set(local_store.list("projects/p/labels/")) == acknowledged
+    assert local_store.get_bytes("projects/p/labels/000299-b.jsonl") == b"b 299"
+    assert not list((local_store.root / JOURNAL_DIR).glob("*.seg"))
+
+
 
 
 @pytest.mark.parametrize("key", ["../escape", "a/../../b", "a/..", "/abs/key", "/", ""])
