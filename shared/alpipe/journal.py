@@ -147,8 +147,8 @@ class Journal:
                 if written != len(entry):
                     raise OSError(f"short write to {segment.path}: {written} of {len(entry)} bytes")
             except BaseException:
-                # Whatever reached the device stays as it is: segments only grow, so a reader that took
-                # a half-written entry's neighbours never sees them change. The next append rolls.
+                # Nothing in a segment is ever written over, so what a reader has taken from it never
+                # changes: whatever of this entry reached the device stays, and the next append rolls.
                 self._seal(segment)
                 raise
             segment.offset += len(entry)
