@@ -91,6 +91,12 @@ class _Segment:
         os.close(self.lock_fd)
 
 
+def _removed(segment: _Segment) -> bool:
+    """Whether the segment's file was deleted under its writer (the journal folder removed by hand):
+    a write there would be acknowledged into a file nobody can read again."""
+    return os.fstat(segment.write_fd).st_nlink == 0
+
+
 def _new_segment(folder: Path, size: int) -> _Segment:
     """A zero-filled, fsynced segment, locked before its name appears (a reader never takes it for orphaned)."""
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=SEGMENT_SUFFIX)
@@ -140,6 +146,9 @@ class Journal:
         entry = encode_entry(key, data)
         with self._lock:
             segment = self._active
+            if segment is not None and _removed(segment):
+                self._seal(segment)  # what it held is pending in memory and still becomes files
+                segment = None
             if segment is None or segment.offset + len(entry) > self.segment_bytes:
                 segment = self._roll()
             try:
@@ -185,6 +194,9 @@ class Journal:
         if self._active is not None:
             self._seal(self._active)
         segment, self._spare = self._spare, None
+        if segment is not None and _removed(segment):
+            segment.close()
+            segment = None
         if segment is None:
             self.folder.mkdir(exist_ok=True)
             segment = _new_segment(self.folder, self.segment_bytes)

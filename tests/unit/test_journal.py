@@ -4,6 +4,7 @@ and a dead writer's segment is made into files and deleted by the next reader.""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,3 +146,15 @@ def test_a_backlog_longer_than_one_batch_becomes_files(store):
         journal.append(label_key(n), f"label {n}".encode())
     assert list(LocalStore(store.root).list("projects/p/labels/")) == [label_key(n) for n in range(600)]
     assert (store.root / label_key(599)).read_bytes() == b"label 599"
+
+
+def test_a_journal_folder_removed_under_its_writer_is_made_again_and_nothing_is_lost(store):
+    """A write must never be acknowledged into a segment nobody can read any more."""
+    journal = journal_of(store)
+    journal.append(label_key(1), b"before")
+    shutil.rmtree(store.root / JOURNAL_DIR)
+    journal.append(label_key(2), b"after")
+    assert len(segments(store)) == 1  # a new segment, in the folder made again
+    assert list(LocalStore(store.root).list("projects/")) == [label_key(2)]  # the first is only in memory now
+    journal.flush()
+    assert [(store.root / label_key(n)).read_bytes() for n in (1, 2)] == [b"before", b"after"]
