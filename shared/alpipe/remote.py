@@ -123,7 +123,7 @@ def run_remote(api: ApiClient, *, strategy: str, seed: int, config: ExperimentCo
                     "lease_token": queries["lease_token"]} for s in samples]
         api.json("POST", f"/projects/{name}/labels", json={"labels": answers, "labeler": "oracle"})
         labeled += len(answers)
-        if labeled - len(answers) > 0 and len(answers) < config.query_size:
+        if len(answers) < config.query_size:  # a partial batch (or an initial set below query_size) trains on request
             request_training(api, name, n_labeled=labeled, timeout_s=round_timeout_s)
         info = wait_for_round(api, name, n_labeled=labeled, timeout_s=round_timeout_s)
         now = time.perf_counter()

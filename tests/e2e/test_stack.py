@@ -42,6 +42,16 @@ def test_simulated_oracle_through_the_services(stack, tmp_path):
     stack.check_alive()
 
 
+def test_an_initial_set_smaller_than_the_query_size_gets_its_model_through_the_services(stack):
+    """Training is due every query_size labels; the oracle asks for a model on its 5 initial labels."""
+    config = ExperimentConfig(dataset="digits", strategies=("random",), seeds=1, initial=5, query_size=10,
+                              budget=15, train=TrainConfig(stop="epochs:1"))
+    store = LocalStore(stack.data_dir / "store")
+    points = simulate_via_api(config, api_url=stack.api_url, store=store, cache_dir=stack.data_dir / "datasets",
+                              experiment="e2e-small-initial", round_timeout_s=120)
+    assert [p.n_labeled for p in points] == [5, 15]
+
+
 def test_cli_simulate_against_the_running_api(stack, tmp_path):
     out = tmp_path / "run"
     result = subprocess.run(

@@ -162,3 +162,31 @@ def test_bald_on_a_model_without_dropout_is_a_clear_error():
 def test_unknown_cold_start_names_the_choices():
     with pytest.raises(UserError, match="typiclust, random"):
         check_cold_start("kmeans")
+
+
+def test_a_batch_larger_than_the_labeled_set_is_chosen_by_typiclust_not_the_model(tmp_path, monkeypatch):
+    """5 TypiClust labels, then a batch of 20: a 5-label model does not choose it; at 25 labels the model does."""
+    from dataclasses import replace
+
+    from alpipe import loop
+    from alpipe.storage import LocalStore
+    from alpipe.training import TrainConfig
+
+    config = loop.ExperimentConfig(dataset="digits", strategies=("auto",), seeds=1, initial=5, query_size=20,
+                                   budget=45, train=TrainConfig(stop="epochs:1"))
+    data = loop.prepare_data(config, store=LocalStore(tmp_path / "store"), cache_dir=tmp_path / "datasets")
+    calls = []
+    real = loop.typiclust_batch
+
+    def spy(data, is_labeled, pool, k, *, seed):
+        calls.append((int(is_labeled.sum()), k))
+        return real(data, is_labeled, pool, k, seed=seed)
+
+    monkeypatch.setattr(loop, "typiclust_batch", spy)
+    points = loop.run_one(data, strategy_name="auto", seed=0, config=config)
+    assert [p.n_labeled for p in points] == [5, 25, 45]
+    assert calls == [(5, 20)]
+    for strategy, cold_start in (("random", None), ("margin", "random")):  # no TypiClust start: the rule is off
+        calls.clear()
+        loop.run_one(data, strategy_name=strategy, seed=0, config=replace(config, cold_start=cold_start))
+        assert calls == []
