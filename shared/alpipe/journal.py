@@ -214,6 +214,7 @@ class Journal:
     # --- the background thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        failing = False  # logged once per streak of failures, and once when files are made again
         while True:
             with self._changed:
                 while not (self._pending or self._closing or self._spare_wanted()):
@@ -227,9 +228,15 @@ class Journal:
                     spare = _new_segment(self.folder, self.segment_bytes)
                     with self._lock:
                         self._spare = spare
+                if failing:
+                    failing = False
+                    log.warning("journal %s: making files again", self.folder)
             except Exception as e:  # the store is away or refuses writes: the journal keeps the objects
-                log.warning("journal %s: could not make files yet (%s: %s); retrying", self.folder,
-                            e.__class__.__name__, e)
+                if not failing:
+                    failing = True
+                    log.warning("journal %s: cannot make files of the journaled objects (%s: %s); they are "
+                                "durable in the journal, and this retries every second", self.folder,
+                                e.__class__.__name__, e)
                 time.sleep(1.0)
 
     def _spare_wanted(self) -> bool:
@@ -245,9 +252,8 @@ class Journal:
                 raise
             for segment, _key, _data in batch:
                 segment.durable += 1
-        with self._changed:
-            done = [s for s in self._segments if s.sealed and s.durable == s.written
-                    and not any(p[0] is s for p in self._pending)]
+        with self._changed:  # an entry still pending is one not durable yet: durable < written
+            done = [s for s in self._segments if s.sealed and s.durable == s.written]
             self._segments = [s for s in self._segments if s not in done]
         for segment in done:
             segment.path.unlink(missing_ok=True)

@@ -210,7 +210,7 @@ def typiclust_batch(data: PreparedData, is_labeled: np.ndarray, pool: np.ndarray
     The batch a model trained on fewer labels than k does not choose: at query 100 after 20 initial
     labels, margin from the 20-label model chose worse than TypiClust (README, The default: auto). The
     services behave the same way by construction: their first model is trained on query_size labels,
-    all of them from the cold-start order.
+    all of them from the cold-start order (unless one is asked for earlier with POST /train).
     """
     picks = typiclust_select(data.label_free_features()[pool], k, labeled=is_labeled[pool],
                              seed=seed + int(is_labeled.sum()))

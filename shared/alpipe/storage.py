@@ -209,11 +209,14 @@ class LocalStore(ObjectStore):
                 return
         self.put_if_absent(key, data)
 
+    _FILES_PER_BATCH = 256
+
     def _put_many_if_absent(self, objects: list[tuple[str, bytes]]) -> None:
         """Write the objects whose keys do not exist yet, durable on return, with one pair of filesystem
-        commits per 256 of them: every file's data first, then every name (the journal's batches)."""
-        for start in range(0, len(objects), 256):  # a bounded number of open files, however long the backlog
-            self._put_batch_if_absent(objects[start:start + 256])
+        commits per _FILES_PER_BATCH of them: every file's data first, then every name (the journal's batches)."""
+        step = self._FILES_PER_BATCH  # a bounded number of open files, however long the backlog
+        for start in range(0, len(objects), step):
+            self._put_batch_if_absent(objects[start:start + step])
 
     def _put_batch_if_absent(self, objects: list[tuple[str, bytes]]) -> None:
         with self._io():

@@ -3,12 +3,14 @@ and a dead writer's segment is made into files and deleted by the next reader.""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -158,3 +160,22 @@ def test_a_journal_folder_removed_under_its_writer_is_made_again_and_nothing_is_
     assert list(LocalStore(store.root).list("projects/")) == [label_key(2)]  # the first is only in memory now
     journal.flush()
     assert [(store.root / label_key(n)).read_bytes() for n in (1, 2)] == [b"before", b"after"]
+
+
+def test_a_store_away_is_logged_once_and_its_journaled_objects_become_files_when_it_is_back(store, caplog):
+    caplog.set_level(logging.WARNING, logger="alpipe.journal")
+    journal = Journal(store.root / JOURNAL_DIR, store._put_many_if_absent)  # with its background thread
+    journal.append(label_key(1), b"before")
+    wait_until(lambda: (store.root / label_key(1)).is_file(), timeout=10, what="the first file")
+    away = store.root.with_name("store-away")
+    store.root.rename(away)
+    journal.append(label_key(2), b"while away")  # durable in the segment, which moved with the store
+    time.sleep(2.5)  # about three attempts to make its file
+    messages = [r.getMessage() for r in caplog.records if r.name == "alpipe.journal"]
+    assert sum("cannot make files" in m for m in messages) == 1, messages
+    away.rename(store.root)
+    wait_until(lambda: (store.root / label_key(2)).is_file(), timeout=10, what="the file once the store is back")
+    assert (store.root / label_key(2)).read_bytes() == b"while away"
+    wait_until(lambda: any("making files again" in r.getMessage() for r in caplog.records), timeout=5,
+               what="the recovery line")
+    journal.close()
