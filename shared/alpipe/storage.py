@@ -142,6 +142,12 @@ class LocalStore(ObjectStore):
             raise self._unavailable(e) from None
         self._answered()
 
+    def _require_root(self) -> None:
+        """FileNotFoundError (StoreUnavailable under _io) when the root is gone: an unmounted volume is
+        never made again empty, listed as empty, or written into."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root} is gone")
+
     def _parent(self, key: str) -> Path:
         """The key's directory, made below the root and never the root itself: each level is made on
         the one above, so a root that vanishes meanwhile fails the call instead of coming back empty."""
@@ -151,8 +157,7 @@ class LocalStore(ObjectStore):
         while folder != self.root and not folder.is_dir():
             missing.append(folder)
             folder = folder.parent
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"{self.root} is gone")
+        self._require_root()
         for folder in reversed(missing):
             folder.mkdir(exist_ok=True)
         return path
@@ -200,9 +205,8 @@ class LocalStore(ObjectStore):
         """Journaled: durable after one O_DSYNC write; list() and get_bytes() see it at once, exists()
         once the journal's background thread has made it a file (milliseconds later)."""
         with self._io():
-            self._path(key)
-            if not self.root.is_dir():
-                raise FileNotFoundError(f"{self.root} is gone")
+            self._path(key)  # a bad key is refused before anything is journaled
+            self._require_root()
             journal = _process_journal(self)
             if journal.fits(key, data):
                 journal.append(key, data)
@@ -250,8 +254,7 @@ class LocalStore(ObjectStore):
     def _settle_journal(self) -> None:
         """Make files of every journaled object, of every process, that is not a file yet."""
         with self._io():
-            if not self.root.is_dir():
-                raise FileNotFoundError(f"{self.root} is gone")
+            self._require_root()
             self._journal_reader.settle(self._put_many_if_absent)
 
     def get_bytes(self, key: str) -> bytes:
@@ -276,8 +279,7 @@ class LocalStore(ObjectStore):
 
     def exists(self, key: str) -> bool:
         with self._io():
-            if not self.root.is_dir():
-                raise FileNotFoundError(f"{self.root} is gone")
+            self._require_root()
             return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> Iterator[str]:
@@ -287,8 +289,7 @@ class LocalStore(ObjectStore):
         keys = []
         self._settle_journal()
         with self._io():
-            if not self.root.is_dir():
-                raise FileNotFoundError(f"{self.root} is gone")
+            self._require_root()
             # Walk only the directories the prefix can be in.
             start = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
             if start.is_dir():
@@ -305,8 +306,7 @@ class LocalStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         with self._io():
-            if not self.root.is_dir():
-                raise FileNotFoundError(f"{self.root} is gone")
+            self._require_root()
             self._path(key).unlink(missing_ok=True)
 
     def describe(self) -> str:

@@ -170,8 +170,6 @@ def test_local_journal_two_writer_processes_and_a_reader_listing_meanwhile(local
     assert not list((local_store.root / JOURNAL_DIR).glob("*.seg"))
 
 
-
-
 @pytest.mark.parametrize("key", ["../escape", "a/../../b", "a/..", "/abs/key", "/", ""])
 def test_local_rejects_bad_keys(local_store: LocalStore, key: str) -> None:
     with pytest.raises(ValueError):
