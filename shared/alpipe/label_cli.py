@@ -21,7 +21,7 @@ from typing import TextIO
 
 from .api_client import ApiClient, ApiError
 from .errors import UserError
-from .schemas import COLD_START_PICK_FLOOR
+from .schemas import COLD_START_PICK_FLOOR, REPRESENTATIVE_PICK_FLOOR
 
 KEYS = "1234567890"
 COMMANDS = {"s": "skip", "u": "undo", "q": "quit"}
@@ -123,6 +123,7 @@ class LabelSession:
     _history: list[tuple[dict, str]] = field(default_factory=list)  # (sample, label) labeled this session
     _keys: dict[str, str] = field(default_factory=dict)
     _classes: list[str] = field(default_factory=list)
+    _strategy: str = ""
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -187,6 +188,8 @@ class LabelSession:
         if item.ranking_version == 0:
             typical = isinstance(score, int | float) and score > COLD_START_PICK_FLOOR
             parts.append("(cold start: typical image)" if typical else "(cold start: random order)")
+        elif self._strategy == "auto" and isinstance(score, int | float) and score >= REPRESENTATIVE_PICK_FLOOR:
+            parts.append("(representative of the uncertain)")
         guess = sample.get("guess")
         if guess:
             confidence = guess.get("confidence")
@@ -296,6 +299,7 @@ class LabelSession:
         self._whoami()
         info = self._project_info()
         self._classes = list(info["project"]["classes"])
+        self._strategy = info["project"].get("strategy", "")
         self._keys = class_keys(self._classes)
         self._intro(info)
         queue: deque[_Item] = deque()

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from . import records
 from .checkpoints import checkpoint_bytes
+from .config import get_settings
 from .data import load_dataset, stratified_split
 from .embeddings import BackboneIdentity, EmbeddingCache, build_head, load_backbone
 from .errors import UserError
@@ -26,6 +27,7 @@ from .schemas import DatasetManifest, SampleRecord, class_index
 from .storage import ObjectStore
 from .strategies import check_cold_start, cold_start_for, get_strategy, rank, subsample_pool
 from .strategies.features import label_free_features
+from .strategies.representative import lift_by_shard
 from .strategies.typiclust import typiclust_select
 from .training import (
     TrainConfig,
@@ -222,9 +224,12 @@ def run_one(data: PreparedData, *, strategy_name: str, seed: int, config: Experi
     """One learning curve: initial set (TypiClust or random), then query → oracle → retrain until the budget.
 
     With a TypiClust cold start, a batch larger than the labeled set is TypiClust's too (typiclust_batch).
+    A strategy with representative picks (auto) lifts them per shard_size slice of the pool, as the scorers do.
 
     With a store and an experiment name, the final model goes to the experiment's checkpoints/ folder."""
     strategy = get_strategy(strategy_name)
+    # Representative picks are made per score shard in the services; the same slices here serve the same images.
+    shard_size = get_settings().shard_size
     spec = data.spec
     device = resolve_device(config.device)
     rng_query = np.random.default_rng([seed, 1, sum(map(ord, strategy_name))])
@@ -278,7 +283,11 @@ def run_one(data: PreparedData, *, strategy_name: str, seed: int, config: Experi
                 probs = predict_proba(model, data.images[candidates], spec=spec, device=device)
             else:
                 probs = np.zeros((len(candidates), len(data.classes)), dtype=np.float32)
-            chosen = candidates[rank(strategy.score(probs, rng=rng_query), k)]
+            scores = strategy.score(probs, rng=rng_query)
+            if strategy.representative_picks:
+                scores = lift_by_shard(scores, data.images[candidates].numpy(), k, shard_size=shard_size,
+                                       seed=round_seed(seed, round_no))
+            chosen = candidates[rank(scores, k)]
         is_labeled[chosen] = True  # the simulated oracle: known labels are revealed
         score_s = time.perf_counter() - started
         round_no += 1

@@ -289,6 +289,9 @@ class Guess(BaseModel):
 # Before the first model, the cold-start ranking's TypiClust picks score above this and its seeded random
 # order below it (in [0, 1)), so a client can tell a typical image from a random one.
 COLD_START_PICK_FLOOR = 1.0
+# Once a model exists, `auto`'s representative picks (alpipe.strategies.representative) score 1 + their margin,
+# above the rest of the ranking's margins in [0, 1].
+REPRESENTATIVE_PICK_FLOOR = 1.0
 
 
 class QuerySample(BaseModel):

@@ -235,3 +235,20 @@ def test_an_empty_pool_ends_the_session() -> None:
 def test_digit_classes_are_their_own_keys_as_on_the_web_page():
     assert class_keys([str(d) for d in range(10)])["3"] == "3"
     assert class_keys(["cat", "dog", "3"]) == {"1": "cat", "2": "dog", "3": "3"}
+
+
+def test_auto_names_its_representative_picks() -> None:
+    class AutoApi(StubApi):
+        def json(self, method: str, path: str, **kwargs):
+            answer = super().json(method, path, **kwargs)
+            if method == "GET" and path.endswith("/queries"):
+                for sample in answer["samples"]:
+                    sample["score"] = 1.25  # a lifted pick: 1 + its margin
+            elif method == "GET" and "project" in answer:
+                answer["project"]["strategy"] = "auto"
+            return answer
+
+    _, out = run_session(AutoApi(CLASSES), ["q"])
+    assert "score 1.250  (representative of the uncertain)" in out
+    _, out = run_session(StubApi(CLASSES), ["q"])
+    assert "representative" not in out

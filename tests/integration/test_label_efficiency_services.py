@@ -14,6 +14,7 @@ from alpipe import cold_start, keys, pipeline
 from alpipe.projects import cold_start_score
 from alpipe.state import ProjectState
 from alpipe.storage import ObjectStore
+from alpipe.strategies.representative import PICK_FLOOR, picks_per_shard
 from services.scorer import jobs as scorer_jobs
 from tests.integration.test_api import import_folder, new_project
 from tests.integration.test_export import names_to_ids
@@ -108,8 +109,8 @@ def test_cold_start_keeps_labels_and_leases_where_they_are(redis_url, redis_clie
 
 
 def test_diverse_auto_and_bald_rankings_lease_disjointly(redis_url, redis_client, local: ObjectStore) -> None:
-    """Two labelers on a ranking scored by stochastic acquisition (power_margin), by auto and by bald: disjoint
-    leases that together are the top of the ranking."""
+    """Two labelers on a ranking scored by stochastic acquisition (power_margin), by auto (representative picks
+    lifted per shard) and by bald: disjoint leases that together are the top of the ranking."""
     r = redis_client
     settings = make_settings(redis_url, store_settings(local))
     scorer_jobs.configure(settings, redis_client=r, store=local)
@@ -127,6 +128,11 @@ def test_diverse_auto_and_bald_rankings_lease_disjointly(redis_url, redis_client
         assert first + second == ranking[:40]
         guesses = setup.state.guesses(1, first)
         assert all(g is not None and 0 <= g[0] < 3 for g in guesses)
+        if strategy == "auto":
+            # Each of the 3 shards (40, 40 and 20 images) lifted its share of the query of 10 above every margin.
+            scores = [s for _, s in r.zrevrange(setup.state.ranking_key(1), 0, -1, withscores=True)]
+            lifted = 3 * picks_per_shard(setup.project.query_size, 3)
+            assert min(scores[:lifted]) >= PICK_FLOOR > max(scores[lifted:])
 
 
 def test_a_failed_cold_start_job_is_reported_and_not_requeued(redis_url, redis_client, local: ObjectStore,

@@ -681,7 +681,9 @@
       : item.score === null ? "random fill-in"
       // Before a model, TypiClust's picks score above the random order's [0, 1) (schemas.COLD_START_PICK_FLOOR).
       : !item.model_version ? (item.score > 1 ? "typical (cold start)" : "random (cold start)")
-      : item.score.toFixed(3);
+      // auto's representative picks score 1 + their margin (schemas.REPRESENTATIVE_PICK_FLOOR).
+      : item.score >= 1 && state.project && state.project.strategy === "auto"
+        ? `${(item.score - 1).toFixed(3)} · representative` : item.score.toFixed(3);
     const id = $("meta-id");
     id.textContent = item ? item.sample_id.slice(0, 12) : "—";
     id.title = item ? item.sample_id : "";

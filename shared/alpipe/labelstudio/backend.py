@@ -128,10 +128,10 @@ def model_version_label(state: ProjectState) -> str:
 def prediction_scores(state: ProjectState, project: Project, version: int, sample_ids: list[str]) -> list[float]:
     """Label Studio's score of each sample: lowest first is alpipe's ranking order.
 
-    For strategies whose score is an uncertainty in [0, 1] (margin, least confidence, entropy, BALD,
-    and auto once a model exists), the score is 1 - that: the model's confidence (for margin, the
-    gap between its two best classes). Otherwise (random, power_margin's sampled keys, the cold-start
-    order) it is the sample's place in the ranking divided by the ranking's size. A sample outside
+    For strategies whose score is an uncertainty in [0, 1] (margin, least confidence, entropy, BALD),
+    the score is 1 - that: the model's confidence (for margin, the gap between its two best classes).
+    Otherwise (random, power_margin's sampled keys, auto, whose representative picks are lifted above 1,
+    the cold-start order) it is the sample's place in the ranking divided by the ranking's size. A sample outside
     the ranking (labeled, or not in a pool_size subsample) scores 1.
     """
     places, size = state.ranking_places(version, sample_ids)

@@ -18,6 +18,9 @@ class Strategy(ABC):
     # True when scores lie in [0, 1] and 1 - score reads as the model's confidence (margin: the gap
     # between the two best classes); Label Studio then gets that confidence as its prediction score.
     confidence_scores: bool = False
+    # True: once a model exists, the most uncertain images' representatives are lifted to the top of each
+    # score shard (alpipe.strategies.representative); `auto` does this.
+    representative_picks: bool = False
 
     @abstractmethod
     def score(self, probs: np.ndarray, *, rng: np.random.Generator | None = None) -> np.ndarray:

@@ -43,10 +43,15 @@ class Entropy(Strategy):
 
 
 class Auto(Margin):
-    """The default: TypiClust for the first labels (the base class's cold start), then margin, top-k.
+    """The default: TypiClust for the first labels (the base class's cold start), then margin with
+    representative picks: the image nearest the centre of each group of the most uncertain ones first
+    (alpipe.strategies.representative), the rest by margin.
 
-    Chosen by measurement over stochastic (power) acquisition, BALD and least confidence: see the README
-    ("The default: auto") for the rule and the figures.
+    Chosen by measurement over top-k margin, stochastic (power) acquisition, BALD and least confidence:
+    see the README ("The default: auto") for the rule and the figures.
     """
 
     name = "auto"
+    representative_picks = True
+    # The lifted picks score 1 + margin: 1 - score is no confidence, so Label Studio gets ranking places.
+    confidence_scores = False
