@@ -190,3 +190,18 @@ def test_a_batch_larger_than_the_labeled_set_is_chosen_by_typiclust_not_the_mode
         calls.clear()
         loop.run_one(data, strategy_name=strategy, seed=0, config=replace(config, cold_start=cold_start))
         assert calls == []
+
+
+def test_later_stages_pick_the_point_nearest_the_centre_not_the_densest():
+    """A cluster with a tight knot off its centre: TypiClust's first pick is in the knot (densest); once labels
+    exist, the pick is the point at the cluster's centre."""
+    angles = np.linspace(0, 2 * np.pi, 12, endpoint=False)
+    knot = np.array([1.0, 0.0]) + 0.05 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    ring = np.array([-1.0, 0.0]) + 0.5 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    cluster = np.vstack([[[0.0, 0.0]], knot, ring])  # row 0 is the centre (the knot and ring balance out)
+    assert typiclust_select(cluster, 1, seed=0)[0] in range(1, 13)
+    points, centres = blobs()
+    features = np.vstack([cluster, points[:SIZES[0]] + 20.0])
+    labeled = np.zeros(len(features), dtype=bool)
+    labeled[len(cluster)] = True  # the far blob holds a label: this is a later stage
+    assert typiclust_select(features, 1, labeled=labeled, seed=0).tolist() == [0]
