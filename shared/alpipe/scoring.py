@@ -32,7 +32,7 @@ from .state import ProjectState
 from .storage import ObjectStore
 from .strategies import Strategy, get_strategy
 from .strategies.features import label_free_features
-from .strategies.representative import lift_picks, picks_per_shard
+from .strategies.representative import lift_picks, picks_per_shard, shard_seed
 from .strategies.typiclust import typiclust_order
 from .tensor_cache import TensorCache
 from .training import predict_mc_proba, predict_proba, round_seed
@@ -134,7 +134,7 @@ def score_shard(job: ScoreJob, *, r: redis.Redis, store: ObjectStore, models: Mo
         if strategy.representative_picks and len(ids):
             # The shard's share of the query, from its own most uncertain images (strategies.representative).
             scores = lift_picks(scores, inputs.numpy(), picks_per_shard(project.query_size, job.n_shards),
-                                seed=round_seed(project.seed, version) * 1009 + shard)
+                                seed=shard_seed(round_seed(project.seed, version), shard))
         guesses = top_guesses(ids, probs) if strategy.needs_model else None
         state.add_scores(version, {sid: float(s) for sid, s in zip(ids, scores, strict=True)}, guesses=guesses)
         made_live = state.shard_done(version, shard, job.n_shards)

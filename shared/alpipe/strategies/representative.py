@@ -128,5 +128,10 @@ def lift_by_shard(scores: np.ndarray, inputs: np.ndarray, query_size: int, *, sh
     lifted = np.array(scores, dtype=np.float64)
     for shard in range(n_shards):
         rows = slice(shard * shard_size, (shard + 1) * shard_size)
-        lifted[rows] = lift_picks(lifted[rows], inputs[rows], per_shard, seed=seed * 1009 + shard)
+        lifted[rows] = lift_picks(lifted[rows], inputs[rows], per_shard, seed=shard_seed(seed, shard))
     return lifted
+
+
+def shard_seed(round_seed: int, shard: int) -> int:
+    """The seed of one shard's picks in one round: the scorers and the in-process loop use the same one."""
+    return round_seed * 1009 + shard
